@@ -1,0 +1,107 @@
+"""The settings of a stream pipeline, checked once so the hot path never has to."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+CFG_TYPES = ("none", "full", "self", "initialize")
+MODES = ("img2img", "txt2img")
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything that shapes the per-frame computation of `StreamDiffusion`.
+
+    `t_index_list` picks k steps out of an LCM schedule of `num_inference_steps`; the UNet sees
+    k * `frame_buffer_size` latents per call in stream-batch mode. `cfg_type` selects residual
+    classifier-free guidance: "none" (batch k), "full" (2k, true negative prompt), "self" (k,
+    the input itself as the negative) or "initialize" (k + 1, one real negative pass per frame).
+    """
+
+    width: int = 512
+    height: int = 512
+    t_index_list: tuple[int, ...] = (32, 45)
+    num_inference_steps: int = 50
+    frame_buffer_size: int = 1
+    cfg_type: str = "self"
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    use_denoising_batch: bool = True
+    do_add_noise: bool = True
+    seed: int = 2
+    mode: str = "img2img"
+    similarity_filter: bool = False
+    similarity_threshold: float = 0.98
+    max_skip_frames: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t_index_list", tuple(self.t_index_list))
+        validate(self)
+
+    @property
+    def denoising_steps(self) -> int:
+        """k, the number of denoising steps each frame goes through."""
+        return len(self.t_index_list)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the latents: one eighth of the image."""
+        return self.height // 8, self.width // 8
+
+    def with_changes(self, **changes: object) -> StreamConfig:
+        """A copy with some fields changed, validated like a new one."""
+        return replace(self, **changes)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def _check_float(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def validate(config: StreamConfig) -> None:
+    """Raise ValueError naming the first setting that is out of bounds and what is allowed."""
+    for name in ("width", "height"):
+        value = getattr(config, name)
+        _check_int(name, value, 8, MAX_SIDE)
+        if value % 8:
+            raise ValueError(
+                f"{name} must be a multiple of 8 (the VAE works on 8x8 blocks), got {value}; "
+                f"try {value - value % 8} or {value - value % 8 + 8}."
+            )
+    _check_int("num_inference_steps", config.num_inference_steps, 1, 1000)
+    _check_int("frame_buffer_size", config.frame_buffer_size, 1, 64)
+    steps = config.t_index_list
+    if not 1 <= len(steps) <= 50:
+        raise ValueError(f"t_index_list must hold 1 to 50 step indices, got {list(steps)}.")
+    for index in steps:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"t_index_list must hold integers, got {list(steps)}.")
+        if not 0 <= index < config.num_inference_steps:
+            raise ValueError(
+                f"t_index {index} is outside the schedule of {config.num_inference_steps} steps; "
+                f"use indices from 0 to {config.num_inference_steps - 1}."
+            )
+    if any(b <= a for a, b in zip(steps[:-1], steps[1:], strict=True)):
+        raise ValueError(f"t_index_list must be strictly increasing, got {list(steps)}.")
+    if config.cfg_type not in CFG_TYPES:
+        raise ValueError(
+            f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {config.cfg_type!r}."
+        )
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}.")
+    _check_float("guidance_scale", config.guidance_scale, 0.0, 50.0)
+    _check_float("delta", config.delta, 0.0, 10.0)
+    _check_int("seed", config.seed, 0, 2**63 - 1)
+    _check_float("similarity_threshold", config.similarity_threshold, 0.0, 0.9999)
+    _check_int("max_skip_frames", config.max_skip_frames, 0, 10_000)

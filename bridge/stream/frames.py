@@ -1,0 +1,82 @@
+"""uint8 frames in the layouts video tools use, to and from the VAE's float tensors.
+
+Frames are HxWxC (or NxHxWxC) uint8 arrays or tensors; C is 3 for "rgb"/"bgr" and 4 for
+"rgba"/"bgra". Conversion runs on the pipeline's device: a frame is copied there as bytes, and
+only then widened to floats, so a 512x512 RGBA frame crosses the bus as 1 MiB, not 4 or 8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PIXEL_FORMATS = {"rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}
+_BGR_ORDER = [2, 1, 0]
+
+Frame = np.ndarray | torch.Tensor
+
+
+def channels_of(pixel_format: str) -> int:
+    """The channel count of a pixel format, or ValueError listing the known formats."""
+    try:
+        return PIXEL_FORMATS[pixel_format]
+    except KeyError:
+        known = ", ".join(PIXEL_FORMATS)
+        raise ValueError(f"pixel format {pixel_format!r} is unknown; use one of {known}.") from None
+
+
+def check_frame(frame: object, pixel_format: str, height: int, width: int, count: int) -> None:
+    """Raise ValueError unless `frame` is uint8 (H, W, C), or (N, H, W, C) with N == count."""
+    if not isinstance(frame, (np.ndarray, torch.Tensor)):
+        raise ValueError(
+            f"a frame must be a numpy array or a torch tensor, got {type(frame).__name__}."
+        )
+    channels = channels_of(pixel_format)
+    if frame.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"a frame must be uint8, got dtype {frame.dtype}.")
+    expected = (height, width, channels)
+    shape = tuple(frame.shape)
+    allowed = [(count, *expected)] if count > 1 else [expected, (1, *expected)]
+    if shape not in allowed:
+        wanted = " or ".join(str(a) for a in allowed)
+        raise ValueError(
+            f"frame shape {shape} does not match {wanted}: {count} {pixel_format} frame(s) "
+            f"of {width}x{height}."
+        )
+
+
+def to_model_input(
+    frame: Frame, pixel_format: str, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """uint8 (N,)HxWxC frames to an (N, 3, H, W) tensor in [-1, 1] on `device`."""
+    if isinstance(frame, np.ndarray):
+        frame = torch.from_numpy(np.ascontiguousarray(frame))
+    pixels = frame.to(device, non_blocking=True)
+    if pixels.dim() == 3:
+        pixels = pixels.unsqueeze(0)
+    rgb = pixels[..., :3]
+    if pixel_format.startswith("bgr"):
+        rgb = rgb[..., _BGR_ORDER]
+    images = rgb.permute(0, 3, 1, 2).to(dtype)
+    return images / 127.5 - 1.0
+
+
+def from_model_output(images: torch.Tensor, pixel_format: str) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] to uint8 (N, H, W, C) on the same device."""
+    pixels = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1)
+    if pixel_format.startswith("bgr"):
+        pixels = pixels[..., _BGR_ORDER]
+    if channels_of(pixel_format) == 4:
+        alpha = torch.full_like(pixels[..., :1], 255)
+        pixels = torch.cat([pixels, alpha], dim=-1)
+    return pixels.contiguous()
+
+
+def like_input(pixels: torch.Tensor, reference: Frame) -> Frame:
+    """Give the output back as the caller gave the input: numpy or tensor, one frame or a batch."""
+    if reference.ndim == 3:
+        pixels = pixels[0]
+    if isinstance(reference, np.ndarray):
+        return pixels.cpu().numpy()
+    return pixels

@@ -1,0 +1,401 @@
+"""StreamDiffusion: stream batch, residual CFG and the similarity filter on diffusers models.
+
+One call takes `frame_buffer_size` (f) new frames and returns f finished ones. With
+`t_index_list` of k steps, a frame needs k UNet evaluations; stream batch runs them for k
+different frames in one UNet call of k*f latents: the new frames at the first step and the
+frames of earlier calls at later steps, kept in a latent buffer between calls. The frame leaving
+the buffer has passed all k steps, so output lags input by k - 1 calls; the buffer is filled from
+the first frame on start and after a reset, so there is no warm-up of blank frames.
+
+Each step predicts x0 from the noise estimate eps:
+    x0_pred = c_out * (x_t - beta * eps) / alpha + c_skip * x_t
+and a frame moves to the next step as alpha' * x0_pred + beta' * noise'.
+
+Residual classifier-free guidance replaces the negative-prompt pass with a "virtual residual
+noise": the noise that would take x_t back to a reference latent x0_ref,
+    eps_ref = (x_t - alpha * x0_ref) / beta,
+    eps = delta * eps_ref + guidance_scale * (eps_cond - delta * eps_ref).
+For "self" x0_ref is the input frame's latent (zeros in txt2img). For "initialize" a real
+negative-prompt pass is made once per frame, at its first step: its noise is used directly there
+and its x0 prediction becomes the frame's x0_ref for the later steps. "full" runs the negative
+prompt at every step (eps = eps_neg + guidance_scale * (eps_cond - eps_neg)); "none" uses eps_cond.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import StreamConfig
+from .frames import Frame, check_frame, from_model_output, like_input, to_model_input
+from .prompts import PromptEncoder
+from .schedule import StepSchedule, build_schedule
+from .similarity import SimilarityFilter
+
+_RESHAPING_FIELDS = frozenset(
+    {
+        "width",
+        "height",
+        "t_index_list",
+        "num_inference_steps",
+        "frame_buffer_size",
+        "use_denoising_batch",
+        "mode",
+    }
+)
+_FILTER_FIELDS = frozenset({"similarity_filter", "similarity_threshold", "max_skip_frames"})
+
+
+def unet_batch_size(cfg_type: str, steps: int, frames: int = 1) -> int:
+    """Latents per UNet call in stream-batch mode: k, 2k, k or k+1 per frame."""
+    per_frame = {"none": steps, "full": 2 * steps, "self": steps, "initialize": steps + 1}
+    return per_frame[cfg_type] * frames
+
+
+class StreamDiffusion:
+    """The StreamDiffusion algorithm: frames in, frames out, nothing else.
+
+    `components` is anything with `unet`, `vae`, `text_encoder`, `tokenizer` and an LCM
+    `scheduler` (see `bridge.models.load_components`). Models must already sit on their device.
+    """
+
+    def __init__(
+        self,
+        components: Any,
+        config: StreamConfig | None = None,
+        *,
+        prompt: str = "",
+        negative_prompt: str = "",
+        prompt_cache_size: int = 32,
+    ) -> None:
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler = components.scheduler
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        self.prompts = PromptEncoder(
+            components.tokenizer, components.text_encoder, cache_size=prompt_cache_size
+        )
+        self.config = config if config is not None else StreamConfig()
+        self.unet_calls = 0
+        self.frames_processed = 0
+        self.frames_skipped = 0
+        self.last_unet_batch = 0
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self._cond = self._embed(prompt)
+        self._uncond = self._embed(negative_prompt)
+        self._last_images: torch.Tensor | None = None
+        self._rebuild()
+
+    # ----------------------------------------------------------------- live changes
+
+    def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
+        """Use a new prompt (and negative prompt) from the next frame on, for every cfg_type."""
+        self._cond = self._embed(prompt)
+        self.prompt = prompt
+        if negative_prompt is not None:
+            self._uncond = self._embed(negative_prompt)
+            self.negative_prompt = negative_prompt
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """The cached (1, tokens, width) embedding of a prompt, in the pipeline's dtype."""
+        return self._embed(prompt)
+
+    def set_embeddings(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
+        """Use ready embeddings, e.g. a blend of two prompts during a cross-fade."""
+        self._cond = self._check_embedding(cond)
+        if uncond is not None:
+            self._uncond = self._check_embedding(uncond)
+
+    def noise_for_seed(self, seed: int) -> torch.Tensor:
+        """The per-slot noise a seed gives: (k*f, 4, h/8, w/8), the same on every device."""
+        cfg = self.config
+        generator = torch.Generator("cpu").manual_seed(seed)
+        channels = self.unet.config.in_channels
+        shape = (cfg.denoising_steps * cfg.frame_buffer_size, channels, *cfg.latent_size)
+        return torch.randn(shape, generator=generator).to(self.device, self.dtype)
+
+    def set_noise(self, noise: torch.Tensor) -> None:
+        """Use ready per-slot noise, e.g. a blend of two seeds during a cross-fade."""
+        if noise.shape != self._noise.shape:
+            raise ValueError(
+                f"noise of shape {tuple(noise.shape)} does not fit the stream; "
+                f"it needs {tuple(self._noise.shape)}."
+            )
+        self._noise = noise.to(self.device, self.dtype)
+
+    def update(self, **changes: Any) -> None:
+        """Change settings live; shapes are rebuilt only when a shape-changing setting moves."""
+        config = self.config.with_changes(**changes)
+        moved = {name for name in changes if getattr(config, name) != getattr(self.config, name)}
+        self.config = config
+        if moved & _RESHAPING_FIELDS:
+            self._rebuild()
+            return
+        if "seed" in moved:
+            self._noise = self.noise_for_seed(config.seed)
+        if moved & _FILTER_FIELDS:
+            self._filter = self._make_filter()
+
+    def reset(self) -> None:
+        """Drop the frames in flight; the next frame refills the buffer."""
+        self._buffer: torch.Tensor | None = None
+        self._ref_buffer: torch.Tensor | None = None
+        self._last_images = None
+        if self._filter is not None:
+            self._filter.reset()
+
+    @property
+    def unet_batch_size(self) -> int:
+        """Latents per UNet call in the current configuration (stream-batch mode)."""
+        cfg = self.config
+        return unet_batch_size(cfg.cfg_type, cfg.denoising_steps, cfg.frame_buffer_size)
+
+    # ------------------------------------------------------------------- frames
+
+    @torch.inference_mode()
+    def __call__(self, frame: Frame | None = None, pixel_format: str = "rgb") -> Frame:
+        """Diffuse the next frame(s): uint8 (H, W, C) or (f, H, W, C), returned the same way.
+
+        In txt2img mode `frame` is None and a (H, W, C) tensor on the device is returned
+        (use `txt2img` for other output containers).
+        """
+        if self.config.mode == "txt2img":
+            if frame is not None:
+                raise ValueError("txt2img mode takes no input frame; call with frame=None.")
+            return self.txt2img(pixel_format)[0]
+        if frame is None:
+            raise ValueError("img2img mode needs an input frame; pass a uint8 HxWxC frame.")
+        return self.img2img(frame, pixel_format)
+
+    @torch.inference_mode()
+    def img2img(self, frame: Frame, pixel_format: str = "rgb") -> Frame:
+        """Diffuse input frame(s) and return the finished ones in the same layout and container."""
+        cfg = self.config
+        check_frame(frame, pixel_format, cfg.height, cfg.width, cfg.frame_buffer_size)
+        images = to_model_input(frame, pixel_format, self.device, self.dtype)
+        if self._filter is not None and self._filter.should_skip(images):
+            self.frames_skipped += 1
+            return like_input(from_model_output(self._last_images, pixel_format), frame)
+        latents = self.denoise(self.encode(images))
+        self._last_images = self.decode(latents)
+        self.frames_processed += 1
+        return like_input(from_model_output(self._last_images, pixel_format), frame)
+
+    @torch.inference_mode()
+    def txt2img(self, pixel_format: str = "rgb") -> torch.Tensor:
+        """Generate f frames from the prompt alone: uint8 (f, H, W, C) on the device."""
+        cfg = self.config
+        start = torch.zeros(
+            (cfg.frame_buffer_size, self.unet.config.in_channels, *cfg.latent_size),
+            device=self.device,
+            dtype=self.dtype,
+        )
+        latents = self.denoise(start)
+        self._last_images = self.decode(latents)
+        self.frames_processed += 1
+        return from_model_output(self._last_images, pixel_format)
+
+    # ------------------------------------------------------------------ latents
+
+    @torch.inference_mode()
+    def denoise(self, x0_in: torch.Tensor) -> torch.Tensor:
+        """Latents in, latents out: f input latents (zeros in txt2img) to f finished ones."""
+        expected = (self.config.frame_buffer_size, self.unet.config.in_channels)
+        expected += self.config.latent_size
+        if tuple(x0_in.shape) != expected:
+            raise ValueError(f"latents of shape {tuple(x0_in.shape)} do not fit; need {expected}.")
+        frames = self.config.frame_buffer_size
+        x_new = self._first_state(x0_in)
+        if not self.config.use_denoising_batch:
+            return self._denoise_sequentially(x_new, x0_in)
+        if self._schedule.steps == 1:
+            x0_pred, _ = self._predict(x_new, self._slot_steps, x0_in, fresh=frames)
+            return x0_pred
+        if self._buffer is None:
+            self._buffer, self._ref_buffer = self._prefill(x_new, x0_in)
+        x_t = torch.cat([x_new, self._buffer])
+        x0_ref = torch.cat([x0_in, self._ref_buffer])
+        x0_pred, x0_ref = self._predict(x_t, self._slot_steps, x0_ref, fresh=frames)
+        self._buffer = self._renoise_slots(x0_pred[:-frames])
+        self._ref_buffer = x0_ref[:-frames]
+        return x0_pred[-frames:]
+
+    def _denoise_sequentially(self, x_t: torch.Tensor, x0_ref: torch.Tensor) -> torch.Tensor:
+        """The k steps one after the other: the reference that stream batch must reproduce."""
+        frames = self.config.frame_buffer_size
+        last = self._schedule.steps - 1
+        for step in range(last + 1):
+            steps = torch.full((frames,), step, device=self.device, dtype=torch.long)
+            x0_pred, x0_ref = self._predict(x_t, steps, x0_ref, fresh=frames if step == 0 else 0)
+            if step < last:
+                x_t = self._renoise(x0_pred, step + 1)
+        return x0_pred
+
+    def _prefill(
+        self, x_new: torch.Tensor, x0_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the buffer as if the first frame had been streaming all along."""
+        frames = self.config.frame_buffer_size
+        states, refs = [], []
+        x_t, x0_ref = x_new, x0_in
+        for step in range(self._schedule.steps - 1):
+            steps = torch.full((frames,), step, device=self.device, dtype=torch.long)
+            x0_pred, x0_ref = self._predict(x_t, steps, x0_ref, fresh=frames if step == 0 else 0)
+            x_t = self._renoise(x0_pred, step + 1)
+            states.append(x_t)
+            refs.append(x0_ref)
+        return torch.cat(states), torch.cat(refs)
+
+    def _first_state(self, x0_in: torch.Tensor) -> torch.Tensor:
+        noise = self._noise[: self.config.frame_buffer_size]
+        if self.config.mode == "txt2img":
+            return noise
+        schedule = self._schedule
+        return schedule.alpha[0] * x0_in + schedule.beta[0] * noise
+
+    def _renoise(self, x0_pred: torch.Tensor, step: int) -> torch.Tensor:
+        """Move predictions to `step`: alpha * x0 (+ beta * that step's noise)."""
+        frames = self.config.frame_buffer_size
+        moved = self._schedule.alpha[step] * x0_pred
+        if self.config.do_add_noise:
+            noise = self._noise[step * frames : (step + 1) * frames]
+            moved = moved + self._schedule.beta[step] * noise
+        return moved
+
+    def _renoise_slots(self, x0_pred: torch.Tensor) -> torch.Tensor:
+        """Move the predictions of slots 0..k-2 to steps 1..k-1 in one go."""
+        frames = self.config.frame_buffer_size
+        moved = self._slot_alpha[frames:] * x0_pred
+        if self.config.do_add_noise:
+            moved = moved + self._slot_beta[frames:] * self._noise[frames:]
+        return moved
+
+    def _predict(
+        self, x_t: torch.Tensor, steps: torch.Tensor, x0_ref: torch.Tensor, fresh: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call over latents at `steps`; returns x0 predictions and updated references.
+
+        The first `fresh` latents are new frames at their first step: under "initialize" they get
+        the real negative-prompt pass, whose x0 prediction becomes their reference.
+        """
+        s = self._schedule
+        alpha = s.alpha[steps].view(-1, 1, 1, 1)
+        beta = s.beta[steps].view(-1, 1, 1, 1)
+        t = s.timesteps[steps]
+        count = x_t.shape[0]
+        cfg = self.config
+        cond = self._cond.expand(count, -1, -1)
+
+        if cfg.cfg_type == "full":
+            uncond = self._uncond.expand(count, -1, -1)
+            x_both = torch.cat([x_t, x_t])
+            out = self._unet(x_both, torch.cat([t, t]), torch.cat([uncond, cond]))
+            both = self._as_eps(out, x_both, alpha.repeat(2, 1, 1, 1), beta.repeat(2, 1, 1, 1))
+            eps_neg, eps_cond = both.chunk(2)
+            eps = eps_neg + cfg.guidance_scale * (eps_cond - eps_neg)
+        elif cfg.cfg_type == "initialize" and fresh:
+            uncond = self._uncond.expand(fresh, -1, -1)
+            x_all = torch.cat([x_t[:fresh], x_t])
+            out = self._unet(x_all, torch.cat([t[:fresh], t]), torch.cat([uncond, cond]))
+            alpha_all = torch.cat([alpha[:fresh], alpha])
+            eps_all = self._as_eps(out, x_all, alpha_all, torch.cat([beta[:fresh], beta]))
+            eps_neg_fresh, eps_cond = eps_all[:fresh], eps_all[fresh:]
+            ref_fresh = self._x0(eps_neg_fresh, x_t[:fresh], steps[:fresh])
+            x0_ref = torch.cat([ref_fresh, x0_ref[fresh:]])
+            eps_later = self._virtual_noise(x_t, x0_ref, alpha, beta)[fresh:]
+            eps_neg = torch.cat([eps_neg_fresh, eps_later])
+            eps = self._residual_guidance(eps_cond, eps_neg)
+        else:
+            out = self._unet(x_t, t, cond)
+            eps_cond = self._as_eps(out, x_t, alpha, beta)
+            if cfg.cfg_type == "none":
+                eps = eps_cond
+            else:
+                eps_ref = self._virtual_noise(x_t, x0_ref, alpha, beta)
+                eps = self._residual_guidance(eps_cond, eps_ref)
+        return self._x0(eps, x_t, steps), x0_ref
+
+    def _residual_guidance(self, eps_cond: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        eps_neg = cfg.delta * eps_ref
+        return eps_neg + cfg.guidance_scale * (eps_cond - eps_neg)
+
+    @staticmethod
+    def _virtual_noise(
+        x_t: torch.Tensor, x0_ref: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise that would take x_t back to x0_ref: (x_t - alpha * x0_ref) / beta."""
+        return (x_t - alpha * x0_ref) / beta
+
+    def _x0(self, eps: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The LCM consistency output: c_out * (x_t - beta * eps) / alpha + c_skip * x_t."""
+        s = self._schedule
+        alpha = s.alpha[steps].view(-1, 1, 1, 1)
+        beta = s.beta[steps].view(-1, 1, 1, 1)
+        c_skip = s.c_skip[steps].view(-1, 1, 1, 1)
+        c_out = s.c_out[steps].view(-1, 1, 1, 1)
+        return c_out * (x_t - beta * eps) / alpha + c_skip * x_t
+
+    def _as_eps(
+        self, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """UNet output as a noise estimate, whatever the model was trained to predict."""
+        if self._schedule.prediction_type == "v_prediction":
+            return alpha * out + beta * x_t
+        return out
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.unet_calls += 1
+        self.last_unet_batch = x.shape[0]
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    # ------------------------------------------------------------------- helpers
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [-1, 1] to scaled latents."""
+        encoded = self.vae.encode(images.to(self.vae.dtype))
+        latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to (N, 3, H, W) images in [-1, 1]."""
+        scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        return self.vae.decode(scaled, return_dict=False)[0]
+
+    def _embed(self, prompt: str) -> torch.Tensor:
+        return self.prompts(prompt).to(self.device, self.dtype)
+
+    def _check_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        if embedding.shape != self._cond.shape:
+            raise ValueError(
+                f"an embedding of shape {tuple(embedding.shape)} does not fit this text encoder; "
+                f"it needs {tuple(self._cond.shape)}."
+            )
+        return embedding.to(self.device, self.dtype)
+
+    def _make_filter(self) -> SimilarityFilter | None:
+        cfg = self.config
+        if not cfg.similarity_filter:
+            return None
+        return SimilarityFilter(cfg.similarity_threshold, cfg.max_skip_frames, seed=cfg.seed)
+
+    def _rebuild(self) -> None:
+        """Recompute everything that depends on shapes or steps, and empty the buffer."""
+        cfg = self.config
+        self._schedule: StepSchedule = build_schedule(
+            self.scheduler, cfg.t_index_list, cfg.num_inference_steps, self.device, self.dtype
+        )
+        frames = cfg.frame_buffer_size
+        self._slot_steps = torch.arange(cfg.denoising_steps, device=self.device).repeat_interleave(
+            frames
+        )
+        self._slot_alpha = self._schedule.per_slot("alpha", frames)
+        self._slot_beta = self._schedule.per_slot("beta", frames)
+        self._noise = self.noise_for_seed(cfg.seed)
+        self._filter = self._make_filter()
+        self.reset()
