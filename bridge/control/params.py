@@ -1,0 +1,421 @@
+"""The live parameters: one schema that validates values and documents the OSC surface.
+
+Every knob the engine reads between frames is a `Param` in `PARAMS`. The schema is the single
+source of truth: the store validates with it, the OSC server routes and replies with it, and the
+table in docs/osc.md is generated from it by `osc_table_markdown`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+
+Value = str | float | int | bool | tuple[int, ...]
+"""A validated parameter value; `t_index_list` is the only tuple."""
+
+MAX_PROMPT_CHARS = 1000
+MAX_FADE_SECONDS = 60.0
+MAX_INFERENCE_STEPS = 1000
+MAX_T_INDICES = 8
+
+
+class ParamError(ValueError):
+    """A value a parameter cannot take, told as one sentence naming the address and the fix."""
+
+    def __init__(self, address: str, sentence: str) -> None:
+        super().__init__(sentence)
+        self.address = address
+        self.sentence = sentence
+
+
+class Kind(str, Enum):
+    """The type of value a parameter holds."""
+
+    FLOAT = "float"
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"
+    CHOICE = "choice"
+    INT_LIST = "int_list"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One live parameter: its name, OSC address, type, allowed values, default and effect.
+
+    `minimum` and `maximum` bound numbers (for `INT_LIST`, each entry); `max_length` caps a
+    string's characters or a list's entries. `changes_shapes` marks parameters whose change
+    resizes tensors, which the engine applies as a visible rebuild rather than between frames.
+    """
+
+    name: str
+    address: str
+    kind: Kind
+    default: Value
+    effect: str
+    minimum: float | None = None
+    maximum: float | None = None
+    maximum_exclusive: bool = False
+    choices: tuple[str, ...] = ()
+    max_length: int = 0
+    changes_shapes: bool = False
+
+    def validate(self, value: object) -> Value:
+        """Return `value` coerced to this parameter's type, or raise `ParamError`."""
+        if self.kind is Kind.FLOAT:
+            return self._validate_float(value)
+        if self.kind is Kind.INT:
+            return self._validate_int(value, value)
+        if self.kind is Kind.BOOL:
+            return self._validate_bool(value)
+        if self.kind is Kind.STRING:
+            if isinstance(value, str) and len(value) <= self.max_length:
+                return value
+            raise self._error(value)
+        if self.kind is Kind.CHOICE:
+            if isinstance(value, str) and value in self.choices:
+                return value
+            raise self._error(value)
+        return self._validate_int_list(value)
+
+    def from_osc(self, args: Sequence[object]) -> Value:
+        """Return the value carried by one OSC message's arguments, or raise `ParamError`.
+
+        A list parameter takes its entries as separate arguments or as one OSC array; every
+        other parameter takes exactly one argument.
+        """
+        if self.kind is Kind.INT_LIST:
+            if len(args) == 1 and isinstance(args[0], list):
+                return self.validate(args[0])
+            return self.validate(list(args))
+        if not args:
+            raise self._error(None, "no argument")
+        if len(args) > 1:
+            raise self._error(None, f"{len(args)} arguments {describe(list(args))}")
+        return self.validate(args[0])
+
+    def to_osc(self, value: Value) -> list[int | float | str]:
+        """Return `value` as OSC arguments: booleans as 0/1, a list as several ints."""
+        if isinstance(value, tuple):
+            return [int(entry) for entry in value]
+        if isinstance(value, bool):
+            return [int(value)]
+        return [value]
+
+    def allowed(self) -> str:
+        """Say in a few words which values this parameter accepts."""
+        if self.kind is Kind.FLOAT:
+            upper = "up to but not including" if self.maximum_exclusive else "to"
+            return f"a float from {self.minimum} {upper} {self.maximum}"
+        if self.kind is Kind.INT:
+            return f"an int from {int(self.minimum or 0)} to {int(self.maximum or 0)}"
+        if self.kind is Kind.BOOL:
+            return "0 or 1 (or T/F)"
+        if self.kind is Kind.STRING:
+            return f"one string of at most {self.max_length} characters"
+        if self.kind is Kind.CHOICE:
+            return "one of " + ", ".join(self.choices)
+        return (
+            f"1 to {self.max_length} strictly increasing ints, "
+            f"each from {int(self.minimum or 0)} to num_inference_steps - 1"
+        )
+
+    def _error(self, value: object, shown: str | None = None) -> ParamError:
+        shown = describe(value) if shown is None else shown
+        return ParamError(self.address, f"{self.address} got {shown}; send {self.allowed()}.")
+
+    def _in_range(self, number: float) -> bool:
+        assert self.minimum is not None and self.maximum is not None
+        if self.maximum_exclusive:
+            return self.minimum <= number < self.maximum
+        return self.minimum <= number <= self.maximum
+
+    def _validate_float(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self._error(value)
+        number = float(value)
+        if not math.isfinite(number) or not self._in_range(number):
+            raise self._error(value)
+        return number
+
+    def _validate_int(self, value: object, shown: object) -> int:
+        number = _integral(value)
+        if number is None or not self._in_range(number):
+            raise self._error(shown)
+        return number
+
+    def _validate_bool(self, value: object) -> bool:
+        if isinstance(value, bool):
+            return value
+        number = _integral(value)
+        if number not in (0, 1):
+            raise self._error(value)
+        return bool(number)
+
+    def _validate_int_list(self, value: object) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= self.max_length:
+            raise self._error(value)
+        entries = tuple(self._validate_int(entry, value) for entry in value)
+        if list(entries) != sorted(set(entries)):
+            raise self._error(value)
+        return entries
+
+
+def _integral(value: object) -> int | None:
+    """Return `value` as an int when it is a whole number (2.0 counts), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number = float(value)
+    if not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
+def describe(value: object) -> str:
+    """Show a received value briefly enough for a one-line error."""
+    if isinstance(value, str):
+        if len(value) > 40:
+            return f"a {len(value)}-character string {value[:24]!r}..."
+        return repr(value)
+    if isinstance(value, bytes):
+        return f"a blob of {len(value)} bytes"
+    if value is None:
+        return "nil"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 10:
+            return f"{len(value)} values"
+        return "[" + ", ".join(describe(entry) for entry in value) + "]"
+    return repr(value)
+
+
+PARAMS: tuple[Param, ...] = (
+    Param(
+        name="prompt",
+        address="/sd/prompt",
+        kind=Kind.STRING,
+        default="a psychedelic painting, vivid colours",
+        effect="Text the image is steered towards; re-encoded off the hot path.",
+        max_length=MAX_PROMPT_CHARS,
+    ),
+    Param(
+        name="negative_prompt",
+        address="/sd/negative_prompt",
+        kind=Kind.STRING,
+        default="",
+        effect="Text steered away from; used when cfg_type is full or initialize.",
+        max_length=MAX_PROMPT_CHARS,
+    ),
+    Param(
+        name="guidance_scale",
+        address="/sd/guidance",
+        kind=Kind.FLOAT,
+        default=1.2,
+        effect="Classifier-free guidance strength; 1.0 or below turns guidance off.",
+        minimum=0.0,
+        maximum=20.0,
+    ),
+    Param(
+        name="delta",
+        address="/sd/delta",
+        kind=Kind.FLOAT,
+        default=1.0,
+        effect="Residual CFG: scales the virtual negative noise (cfg_type self or initialize).",
+        minimum=0.0,
+        maximum=5.0,
+    ),
+    Param(
+        name="cfg_type",
+        address="/sd/cfg",
+        kind=Kind.CHOICE,
+        default="self",
+        effect="Guidance mode: none, full (doubles the batch), self or initialize (residual CFG).",
+        choices=("none", "full", "self", "initialize"),
+        changes_shapes=True,
+    ),
+    Param(
+        name="num_inference_steps",
+        address="/sd/num_inference_steps",
+        kind=Kind.INT,
+        default=50,
+        effect="Length of the scheduler's timestep schedule that t_index_list indexes into.",
+        minimum=1,
+        maximum=MAX_INFERENCE_STEPS,
+    ),
+    Param(
+        name="t_index_list",
+        address="/sd/t_index",
+        kind=Kind.INT_LIST,
+        default=(32, 45),
+        effect="Denoising steps per frame: fewer are faster, higher indices keep more input.",
+        minimum=0,
+        maximum=MAX_INFERENCE_STEPS - 1,
+        max_length=MAX_T_INDICES,
+        changes_shapes=True,
+    ),
+    Param(
+        name="seed",
+        address="/sd/seed",
+        kind=Kind.INT,
+        default=2,
+        effect="Seed of the initial noise.",
+        minimum=0,
+        maximum=2**31 - 1,
+    ),
+    Param(
+        name="do_add_noise",
+        address="/sd/do_add_noise",
+        kind=Kind.BOOL,
+        default=True,
+        effect="Add fresh noise to the input latent before denoising.",
+    ),
+    Param(
+        name="filter_enable",
+        address="/sd/filter/enable",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Stochastic similarity filter: skip frames that barely differ from the last one.",
+    ),
+    Param(
+        name="filter_threshold",
+        address="/sd/filter/threshold",
+        kind=Kind.FLOAT,
+        default=0.98,
+        effect="Cosine similarity above which the filter may skip a frame.",
+        minimum=0.0,
+        maximum=1.0,
+        maximum_exclusive=True,
+    ),
+    Param(
+        name="filter_max_skip",
+        address="/sd/filter/max_skip",
+        kind=Kind.INT,
+        default=10,
+        effect="Most frames the filter skips in a row before one is processed anyway.",
+        minimum=0,
+        maximum=600,
+    ),
+    Param(
+        name="pause",
+        address="/sd/pause",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Stop diffusing; outputs keep the last frame.",
+    ),
+    Param(
+        name="prompt_fade",
+        address="/sd/prompt/fade",
+        kind=Kind.FLOAT,
+        default=0.0,
+        effect="Seconds over which the next prompt change cross-fades the embeddings; 0 cuts.",
+        minimum=0.0,
+        maximum=MAX_FADE_SECONDS,
+    ),
+    Param(
+        name="seed_fade",
+        address="/sd/seed/fade",
+        kind=Kind.FLOAT,
+        default=0.0,
+        effect="Seconds over which the next seed change cross-fades the noise; 0 cuts.",
+        minimum=0.0,
+        maximum=MAX_FADE_SECONDS,
+    ),
+)
+
+PARAMS_BY_NAME: Mapping[str, Param] = MappingProxyType({p.name: p for p in PARAMS})
+PARAMS_BY_ADDRESS: Mapping[str, Param] = MappingProxyType({p.address: p for p in PARAMS})
+
+
+def default_values() -> dict[str, Value]:
+    """Return every parameter's default, by name."""
+    return {p.name: p.default for p in PARAMS}
+
+
+def check_together(values: Mapping[str, Value], changed: Iterable[str]) -> None:
+    """Raise `ParamError` if valid values contradict each other; `changed` picks whom to blame.
+
+    The only such rule: every `t_index_list` entry must index into the schedule of
+    `num_inference_steps` timesteps.
+    """
+    steps = values["num_inference_steps"]
+    t_index_list = values["t_index_list"]
+    assert isinstance(steps, int) and isinstance(t_index_list, tuple)
+    if max(t_index_list) < steps:
+        return
+    t_index = PARAMS_BY_NAME["t_index_list"].address
+    steps_address = PARAMS_BY_NAME["num_inference_steps"].address
+    if "num_inference_steps" in set(changed):
+        raise ParamError(
+            steps_address,
+            f"{steps_address} got {steps} but t_index_list {list(t_index_list)} needs at least "
+            f"{max(t_index_list) + 1}; lower {t_index} first or send both in one bundle.",
+        )
+    raise ParamError(
+        t_index,
+        f"{t_index} got {list(t_index_list)}; send entries from 0 to {steps - 1} "
+        f"(num_inference_steps is {steps}).",
+    )
+
+
+def _range_text(param: Param) -> str:
+    if param.kind is Kind.FLOAT:
+        upper = " (exclusive)" if param.maximum_exclusive else ""
+        return f"{param.minimum} – {param.maximum}{upper}"
+    if param.kind is Kind.INT:
+        return f"{int(param.minimum or 0)} – {int(param.maximum or 0)}"
+    if param.kind is Kind.BOOL:
+        return "0/1 or T/F"
+    if param.kind is Kind.STRING:
+        return f"up to {param.max_length} characters"
+    if param.kind is Kind.CHOICE:
+        return ", ".join(f"`{choice}`" for choice in param.choices)
+    return (
+        f"1 – {param.max_length} entries, strictly increasing, "
+        f"each {int(param.minimum or 0)} – num_inference_steps − 1"
+    )
+
+
+def _arguments_text(param: Param) -> str:
+    if param.kind is Kind.FLOAT:
+        return "`f` (`i` accepted)"
+    if param.kind is Kind.INT:
+        return "`i` (whole `f` accepted)"
+    if param.kind is Kind.BOOL:
+        return "`i`, `T` or `F`"
+    if param.kind is Kind.INT_LIST:
+        return f"`i` × 1–{param.max_length}"
+    return "`s`"
+
+
+def _default_text(param: Param) -> str:
+    if isinstance(param.default, tuple):
+        return " ".join(str(entry) for entry in param.default)
+    if isinstance(param.default, bool):
+        return str(int(param.default))
+    if isinstance(param.default, str):
+        return f'"{param.default}"'
+    return str(param.default)
+
+
+def osc_table_markdown() -> str:
+    """Return the Markdown table of every parameter's address, arguments, range and default."""
+    lines = [
+        "| Address | Arguments | Range | Default | Reshapes | Effect |",
+        "|---|---|---|---|---|---|",
+    ]
+    for param in PARAMS:
+        cells = (
+            f"`{param.address}`",
+            _arguments_text(param),
+            _range_text(param),
+            f"`{_default_text(param)}`",
+            "yes" if param.changes_shapes else "no",
+            param.effect,
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
