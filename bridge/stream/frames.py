@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 PIXEL_FORMATS = {"rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}
-_BGR_ORDER = [2, 1, 0]
 
 Frame = np.ndarray | torch.Tensor
 
@@ -45,18 +44,19 @@ def check_frame(frame: object, pixel_format: str, height: int, width: int, count
         )
 
 
-def to_model_input(
-    frame: Frame, pixel_format: str, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """uint8 (N,)HxWxC frames to an (N, 3, H, W) tensor in [-1, 1] on `device`."""
+def to_device_pixels(frame: Frame, device: torch.device) -> torch.Tensor:
+    """uint8 (N,)HxWxC frames as an (N, H, W, C) uint8 tensor on `device`."""
     if isinstance(frame, np.ndarray):
         frame = torch.from_numpy(np.ascontiguousarray(frame))
     pixels = frame.to(device, non_blocking=True)
-    if pixels.dim() == 3:
-        pixels = pixels.unsqueeze(0)
+    return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
+
+
+def to_model_input(pixels: torch.Tensor, pixel_format: str, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (N, H, W, C) pixels to an (N, 3, H, W) tensor in [-1, 1] on the same device."""
     rgb = pixels[..., :3]
     if pixel_format.startswith("bgr"):
-        rgb = rgb[..., _BGR_ORDER]
+        rgb = rgb.flip(-1)
     images = rgb.permute(0, 3, 1, 2).to(dtype)
     return images / 127.5 - 1.0
 
@@ -66,7 +66,7 @@ def from_model_output(images: torch.Tensor, pixel_format: str) -> torch.Tensor:
     pixels = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1)
     if pixel_format.startswith("bgr"):
-        pixels = pixels[..., _BGR_ORDER]
+        pixels = pixels.flip(-1)
     if channels_of(pixel_format) == 4:
         alpha = torch.full_like(pixels[..., :1], 255)
         pixels = torch.cat([pixels, alpha], dim=-1)
@@ -79,4 +79,5 @@ def like_input(pixels: torch.Tensor, reference: Frame) -> Frame:
         pixels = pixels[0]
     if isinstance(reference, np.ndarray):
         return pixels.cpu().numpy()
-    return pixels
+    # A copy: the pipeline may overwrite its output buffer on the next frame.
+    return pixels.clone()

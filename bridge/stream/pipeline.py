@@ -23,12 +23,20 @@ prompt at every step (eps = eps_neg + guidance_scale * (eps_cond - eps_neg)); "n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .config import StreamConfig
-from .frames import Frame, check_frame, from_model_output, like_input, to_model_input
+from .frames import (
+    Frame,
+    check_frame,
+    from_model_output,
+    like_input,
+    to_device_pixels,
+    to_model_input,
+)
 from .prompts import PromptEncoder
 from .schedule import StepSchedule, build_schedule
 from .similarity import SimilarityFilter
@@ -82,21 +90,27 @@ class StreamDiffusion:
         self.frames_processed = 0
         self.frames_skipped = 0
         self.last_unet_batch = 0
+        self.accelerator: Callable[[torch.Tensor, str], torch.Tensor] | None = None
         self.prompt = prompt
         self.negative_prompt = negative_prompt
-        self._cond = self._embed(prompt)
-        self._uncond = self._embed(negative_prompt)
-        self._last_images: torch.Tensor | None = None
+        # State the frame step reads is kept in tensors that live changes overwrite in place,
+        # so a CUDA graph captured over the step sees every change without re-capture.
+        self._cond = self._embed(prompt).clone()
+        self._uncond = self._embed(negative_prompt).clone()
+        self._guidance = torch.tensor(self.config.guidance_scale, device=self.device)
+        self._delta = torch.tensor(self.config.delta, device=self.device)
+        self._last_output: torch.Tensor | None = None
+        self._last_format = ""
         self._rebuild()
 
     # ----------------------------------------------------------------- live changes
 
     def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
         """Use a new prompt (and negative prompt) from the next frame on, for every cfg_type."""
-        self._cond = self._embed(prompt)
+        self._cond.copy_(self._embed(prompt))
         self.prompt = prompt
         if negative_prompt is not None:
-            self._uncond = self._embed(negative_prompt)
+            self._uncond.copy_(self._embed(negative_prompt))
             self.negative_prompt = negative_prompt
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -105,9 +119,9 @@ class StreamDiffusion:
 
     def set_embeddings(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
         """Use ready embeddings, e.g. a blend of two prompts during a cross-fade."""
-        self._cond = self._check_embedding(cond)
+        self._cond.copy_(self._check_embedding(cond))
         if uncond is not None:
-            self._uncond = self._check_embedding(uncond)
+            self._uncond.copy_(self._check_embedding(uncond))
 
     def noise_for_seed(self, seed: int) -> torch.Tensor:
         """The per-slot noise a seed gives: (k*f, 4, h/8, w/8), the same on every device."""
@@ -124,28 +138,50 @@ class StreamDiffusion:
                 f"noise of shape {tuple(noise.shape)} does not fit the stream; "
                 f"it needs {tuple(self._noise.shape)}."
             )
-        self._noise = noise.to(self.device, self.dtype)
+        self._noise.copy_(noise)
 
     def update(self, **changes: Any) -> None:
         """Change settings live; shapes are rebuilt only when a shape-changing setting moves."""
         config = self.config.with_changes(**changes)
         moved = {name for name in changes if getattr(config, name) != getattr(self.config, name)}
         self.config = config
+        self._guidance.fill_(config.guidance_scale)
+        self._delta.fill_(config.delta)
         if moved & _RESHAPING_FIELDS:
             self._rebuild()
             return
         if "seed" in moved:
-            self._noise = self.noise_for_seed(config.seed)
+            self._noise.copy_(self.noise_for_seed(config.seed))
         if moved & _FILTER_FIELDS:
             self._filter = self._make_filter()
 
     def reset(self) -> None:
         """Drop the frames in flight; the next frame refills the buffer."""
-        self._buffer: torch.Tensor | None = None
-        self._ref_buffer: torch.Tensor | None = None
-        self._last_images = None
+        self.primed = self._schedule.steps == 1 or not self.config.use_denoising_batch
+        self._last_output = None
         if self._filter is not None:
             self._filter.reset()
+
+    def graph_key(self, pixels: torch.Tensor, pixel_format: str) -> tuple:
+        """What fixes the shapes and branches of `frame_step`; a captured graph is valid per key."""
+        cfg = self.config
+        return (
+            tuple(pixels.shape),
+            pixels.device,
+            pixel_format,
+            cfg.width,
+            cfg.height,
+            cfg.denoising_steps,
+            cfg.frame_buffer_size,
+            cfg.cfg_type,
+            cfg.use_denoising_batch,
+            cfg.do_add_noise,
+            cfg.mode,
+        )
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors a frame step advances; saved and restored around graph warm-up."""
+        return [self._buffer, self._ref_buffer]
 
     @property
     def unet_batch_size(self) -> int:
@@ -175,28 +211,48 @@ class StreamDiffusion:
         """Diffuse input frame(s) and return the finished ones in the same layout and container."""
         cfg = self.config
         check_frame(frame, pixel_format, cfg.height, cfg.width, cfg.frame_buffer_size)
-        images = to_model_input(frame, pixel_format, self.device, self.dtype)
-        if self._filter is not None and self._filter.should_skip(images):
-            self.frames_skipped += 1
-            return like_input(from_model_output(self._last_images, pixel_format), frame)
-        latents = self.denoise(self.encode(images))
-        self._last_images = self.decode(latents)
+        pixels = to_device_pixels(frame, self.device)
+        if self._filter is not None:
+            images = to_model_input(pixels, pixel_format, self.dtype)
+            if self._filter.should_skip(images) and self._may_reuse(pixel_format):
+                self.frames_skipped += 1
+                return like_input(self._last_output, frame)
+        return like_input(self._run(pixels, pixel_format), frame)
+
+    def _run(self, pixels: torch.Tensor, pixel_format: str) -> torch.Tensor:
+        if self.accelerator is not None and self.primed:
+            output = self.accelerator(pixels, pixel_format)
+        else:
+            output = self.frame_step(pixels, pixel_format)
+        self._last_output, self._last_format = output, pixel_format
         self.frames_processed += 1
-        return like_input(from_model_output(self._last_images, pixel_format), frame)
+        return output
+
+    def frame_step(self, pixels: torch.Tensor, pixel_format: str) -> torch.Tensor:
+        """uint8 (f, H, W, C) on the device in, uint8 out: all tensor work, no host decisions.
+
+        Once the buffer is primed this is what a CUDA graph captures and replays.
+        """
+        if self.config.mode == "txt2img":
+            cfg = self.config
+            shape = (cfg.frame_buffer_size, self.unet.config.in_channels, *cfg.latent_size)
+            x0_in = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        else:
+            x0_in = self.encode(to_model_input(pixels, pixel_format, self.dtype))
+        return from_model_output(self.decode(self.denoise(x0_in)), pixel_format)
+
+    def _may_reuse(self, pixel_format: str) -> bool:
+        return self._last_output is not None and self._last_format == pixel_format
 
     @torch.inference_mode()
     def txt2img(self, pixel_format: str = "rgb") -> torch.Tensor:
         """Generate f frames from the prompt alone: uint8 (f, H, W, C) on the device."""
-        cfg = self.config
-        start = torch.zeros(
-            (cfg.frame_buffer_size, self.unet.config.in_channels, *cfg.latent_size),
-            device=self.device,
-            dtype=self.dtype,
+        if self.config.mode != "txt2img":
+            raise ValueError("txt2img needs mode='txt2img'; change it with update(mode='txt2img').")
+        placeholder = torch.empty(
+            (self.config.frame_buffer_size, 0, 0, 0), dtype=torch.uint8, device=self.device
         )
-        latents = self.denoise(start)
-        self._last_images = self.decode(latents)
-        self.frames_processed += 1
-        return from_model_output(self._last_images, pixel_format)
+        return self._run(placeholder, pixel_format).clone()
 
     # ------------------------------------------------------------------ latents
 
@@ -214,13 +270,14 @@ class StreamDiffusion:
         if self._schedule.steps == 1:
             x0_pred, _ = self._predict(x_new, self._slot_steps, x0_in, fresh=frames)
             return x0_pred
-        if self._buffer is None:
-            self._buffer, self._ref_buffer = self._prefill(x_new, x0_in)
+        if not self.primed:
+            self._prefill(x_new, x0_in)
+            self.primed = True
         x_t = torch.cat([x_new, self._buffer])
         x0_ref = torch.cat([x0_in, self._ref_buffer])
         x0_pred, x0_ref = self._predict(x_t, self._slot_steps, x0_ref, fresh=frames)
-        self._buffer = self._renoise_slots(x0_pred[:-frames])
-        self._ref_buffer = x0_ref[:-frames]
+        self._buffer.copy_(self._renoise_slots(x0_pred[:-frames]))
+        self._ref_buffer.copy_(x0_ref[:-frames])
         return x0_pred[-frames:]
 
     def _denoise_sequentially(self, x_t: torch.Tensor, x0_ref: torch.Tensor) -> torch.Tensor:
@@ -234,9 +291,7 @@ class StreamDiffusion:
                 x_t = self._renoise(x0_pred, step + 1)
         return x0_pred
 
-    def _prefill(
-        self, x_new: torch.Tensor, x0_in: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, x_new: torch.Tensor, x0_in: torch.Tensor) -> None:
         """Fill the buffer as if the first frame had been streaming all along."""
         frames = self.config.frame_buffer_size
         states, refs = [], []
@@ -247,7 +302,8 @@ class StreamDiffusion:
             x_t = self._renoise(x0_pred, step + 1)
             states.append(x_t)
             refs.append(x0_ref)
-        return torch.cat(states), torch.cat(refs)
+        self._buffer.copy_(torch.cat(states))
+        self._ref_buffer.copy_(torch.cat(refs))
 
     def _first_state(self, x0_in: torch.Tensor) -> torch.Tensor:
         noise = self._noise[: self.config.frame_buffer_size]
@@ -295,7 +351,7 @@ class StreamDiffusion:
             out = self._unet(x_both, torch.cat([t, t]), torch.cat([uncond, cond]))
             both = self._as_eps(out, x_both, alpha.repeat(2, 1, 1, 1), beta.repeat(2, 1, 1, 1))
             eps_neg, eps_cond = both.chunk(2)
-            eps = eps_neg + cfg.guidance_scale * (eps_cond - eps_neg)
+            eps = eps_neg + self._guidance * (eps_cond - eps_neg)
         elif cfg.cfg_type == "initialize" and fresh:
             uncond = self._uncond.expand(fresh, -1, -1)
             x_all = torch.cat([x_t[:fresh], x_t])
@@ -319,9 +375,8 @@ class StreamDiffusion:
         return self._x0(eps, x_t, steps), x0_ref
 
     def _residual_guidance(self, eps_cond: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        eps_neg = cfg.delta * eps_ref
-        return eps_neg + cfg.guidance_scale * (eps_cond - eps_neg)
+        eps_neg = self._delta * eps_ref
+        return eps_neg + self._guidance * (eps_cond - eps_neg)
 
     @staticmethod
     def _virtual_noise(
@@ -385,17 +440,41 @@ class StreamDiffusion:
         return SimilarityFilter(cfg.similarity_threshold, cfg.max_skip_frames, seed=cfg.seed)
 
     def _rebuild(self) -> None:
-        """Recompute everything that depends on shapes or steps, and empty the buffer."""
+        """Recompute what depends on shapes or steps, in place where shapes allow."""
         cfg = self.config
-        self._schedule: StepSchedule = build_schedule(
+        schedule = build_schedule(
             self.scheduler, cfg.t_index_list, cfg.num_inference_steps, self.device, self.dtype
         )
         frames = cfg.frame_buffer_size
-        self._slot_steps = torch.arange(cfg.denoising_steps, device=self.device).repeat_interleave(
-            frames
-        )
-        self._slot_alpha = self._schedule.per_slot("alpha", frames)
-        self._slot_beta = self._schedule.per_slot("beta", frames)
-        self._noise = self.noise_for_seed(cfg.seed)
+        latent_shape = (self.unet.config.in_channels, *cfg.latent_size)
+        buffer_shape = ((cfg.denoising_steps - 1) * frames, *latent_shape)
+        fresh = {
+            "_schedule": schedule,
+            "_slot_steps": torch.arange(cfg.denoising_steps, device=self.device).repeat_interleave(
+                frames
+            ),
+            "_slot_alpha": schedule.per_slot("alpha", frames),
+            "_slot_beta": schedule.per_slot("beta", frames),
+            "_noise": self.noise_for_seed(cfg.seed),
+            "_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
+            "_ref_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
+        }
+        for name, value in fresh.items():
+            _assign(self, name, value)
         self._filter = self._make_filter()
         self.reset()
+
+
+def _assign(owner: object, name: str, value: Any) -> None:
+    """Set an attribute, copying into the existing tensors when the shapes still match."""
+    current = getattr(owner, name, None)
+    if isinstance(value, StepSchedule) and isinstance(current, StepSchedule):
+        if current.steps == value.steps:
+            for field in ("timesteps", "alpha", "beta", "c_skip", "c_out"):
+                getattr(current, field).copy_(getattr(value, field))
+            object.__setattr__(current, "t_index_list", value.t_index_list)
+            return
+    elif isinstance(current, torch.Tensor) and current.shape == value.shape:
+        current.copy_(value)
+        return
+    setattr(owner, name, value)

@@ -1,0 +1,68 @@
+"""Replay the whole per-frame step of a stream pipeline as one CUDA graph.
+
+Eager PyTorch spends most of a small UNet's frame launching kernels from Python. A CUDA graph
+records the launches of one frame step (pixel conversion, VAE encode, the UNet, the scheduler
+update, VAE decode, conversion back) once and replays them with a single call. Everything the
+step reads (prompt embeddings, noise, guidance, schedule constants, the latent buffer) lives in
+tensors that live changes overwrite in place, so only a change of shapes or branches needs a new
+capture; `StreamDiffusion.graph_key` says which changes those are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.stream import StreamDiffusion
+
+
+class GraphedFrameStep:
+    """A drop-in for `StreamDiffusion.frame_step` that captures it once and replays it."""
+
+    def __init__(self, stream: StreamDiffusion, warmup_steps: int = 2) -> None:
+        if stream.device.type != "cuda":
+            raise ValueError(
+                f"CUDA graphs need the pipeline on a CUDA device, it is on {stream.device}; "
+                "use --accel none on this machine."
+            )
+        self.stream = stream
+        self.warmup_steps = warmup_steps
+        self.captures = 0
+        self._key: tuple | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_in: torch.Tensor | None = None
+        self._static_out: torch.Tensor | None = None
+        self._unet_calls_per_step = 0
+
+    def __call__(self, pixels: torch.Tensor, pixel_format: str) -> torch.Tensor:
+        key = self.stream.graph_key(pixels, pixel_format)
+        if key != self._key:
+            self._capture(pixels, pixel_format, key)
+        self._static_in.copy_(pixels, non_blocking=True)
+        self._graph.replay()
+        self.stream.unet_calls += self._unet_calls_per_step
+        return self._static_out
+
+    def _capture(self, pixels: torch.Tensor, pixel_format: str, key: tuple) -> None:
+        stream = self.stream
+        self._graph = None
+        self._static_in = pixels.clone()
+        saved = [tensor.clone() for tensor in stream.state_tensors()]
+        # Warm-up runs on a side stream (as capture requires) and lets lazy initialisation and
+        # torch.compile happen outside the graph; the state it advanced is put back afterwards.
+        side = torch.cuda.Stream(device=stream.device)
+        side.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                stream.frame_step(self._static_in, pixel_format)
+        torch.cuda.current_stream(stream.device).wait_stream(side)
+        for tensor, copy in zip(stream.state_tensors(), saved, strict=True):
+            tensor.copy_(copy)
+        calls_before = stream.unet_calls
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_out = stream.frame_step(self._static_in, pixel_format)
+        self._unet_calls_per_step = stream.unet_calls - calls_before
+        stream.unet_calls = calls_before
+        self._graph = graph
+        self._key = key
+        self.captures += 1
