@@ -1,0 +1,312 @@
+"""Synthetic models: real Stable Diffusion architectures with seeded random weights.
+
+Each synthetic model is written once as an ordinary diffusers folder (``model_index.json`` and the
+``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` subfolders, safetensors
+weights) and then loaded by the same code that loads a downloaded model. A ``taesd`` subfolder
+holds the matching tiny autoencoder. Speed depends on the architecture, not on the weight values,
+so benchmarks on these models are honest; their images are noise.
+
+The architectures:
+
+``synthetic:tiny`` (float32 weights, a 64x64 frame in well under a second on a CPU)
+    UNet: block_out_channels (32, 64), layers_per_block 1, CrossAttnDownBlock2D + DownBlock2D,
+    UpBlock2D + CrossAttnUpBlock2D, 4 attention heads, cross_attention_dim 32, sample_size 8,
+    norm_num_groups 32. VAE: AutoencoderKL with block_out_channels (16, 32, 32, 32) (three
+    downsamplings: latents are 1/8 of the pixels), layers_per_block 1, norm_num_groups 16,
+    4 latent channels. TAESD: AutoencoderTiny with 16 channels and one block per level, three
+    downsamplings, 4 latent channels. Text encoder: CLIP with hidden size 32, 2 layers, 4 heads,
+    intermediate size 64.
+
+``synthetic:sd-turbo`` (float16 weights; the SD 2.1 architecture sd-turbo uses)
+    UNet: block_out_channels (320, 640, 1280, 1280), layers_per_block 2, attention_head_dim
+    (5, 10, 20, 20), cross_attention_dim 1024, use_linear_projection, sample_size 64:
+    865,910,724 parameters. Text encoder: OpenCLIP ViT-H/14 in CLIPTextModel form (the last of
+    its 24 layers is dropped, as SD 2 does): hidden 1024, 23 layers, 16 heads, intermediate 4096,
+    gelu, projection_dim 1024: 340,387,840 parameters.
+
+``synthetic:sd15`` (float16 weights; the SD 1.5 architecture)
+    UNet: as above with attention_head_dim 8, cross_attention_dim 768, no linear projection:
+    859,520,964 parameters. Text encoder: CLIP ViT-L/14: hidden 768, 12 layers, 12 heads,
+    intermediate 3072, quick_gelu, projection_dim 768: 123,060,480 parameters.
+
+Both large models use the SD VAE (AutoencoderKL, block_out_channels (128, 256, 512, 512),
+layers_per_block 2, scaling_factor 0.18215: 83,653,863 parameters) and TAESD (AutoencoderTiny
+with its defaults: 2,445,063 parameters).
+
+Every model has CLIP's 49408-token embedding table, a CLIP tokenizer (see
+:mod:`bridge.models.clip_vocab`) and an LCMScheduler configuration with Stable Diffusion's
+training betas (scaled_linear from 0.00085 to 0.012 over 1000 steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from bridge.models.clip_vocab import (
+    BOS_TOKEN,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    EOS_TOKEN,
+    find_open_clip_bpe,
+    write_clip_tokenizer,
+)
+
+SYNTHETIC_PREFIX = "synthetic:"
+# Bump when a recipe below changes, so cached folders built from the old one are not reused.
+RECIPE_VERSION = 1
+TAESD_SUBFOLDER = "taesd"
+CACHE_ENV = "SD_BRIDGE_CACHE"
+
+# Seeds per component, so each component's weights do not depend on the build order.
+_SEEDS = {"unet": 1, "vae": 2, TAESD_SUBFOLDER: 3, "text_encoder": 4}
+
+SD_SCHEDULER: Mapping[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """One synthetic model: constructor arguments of each component, and the weights' precision."""
+
+    unet: Mapping[str, Any]
+    vae: Mapping[str, Any]
+    taesd: Mapping[str, Any]
+    text_encoder: Mapping[str, Any]
+    half_precision: bool
+
+
+def _sd_unet(
+    attention_head_dim: int | tuple[int, ...], cross_attention_dim: int, linear: bool
+) -> dict[str, Any]:
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        "up_block_types": (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "attention_head_dim": attention_head_dim,
+        "cross_attention_dim": cross_attention_dim,
+        "use_linear_projection": linear,
+    }
+
+
+SD_VAE: Mapping[str, Any] = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+}
+
+SPECS: Mapping[str, SyntheticSpec] = {
+    "tiny": SyntheticSpec(
+        unet={
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "attention_head_dim": 4,
+            "cross_attention_dim": 32,
+        },
+        vae={
+            "sample_size": 64,
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (16, 32, 32, 32),
+            "layers_per_block": 1,
+            "norm_num_groups": 16,
+            "latent_channels": 4,
+            "scaling_factor": 0.18215,
+        },
+        taesd={
+            "encoder_block_out_channels": (16, 16, 16, 16),
+            "decoder_block_out_channels": (16, 16, 16, 16),
+            "num_encoder_blocks": (1, 1, 1, 1),
+            "num_decoder_blocks": (1, 1, 1, 1),
+            "latent_channels": 4,
+        },
+        text_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 32,
+        },
+        half_precision=False,
+    ),
+    "sd-turbo": SyntheticSpec(
+        unet=_sd_unet((5, 10, 20, 20), 1024, linear=True),
+        vae=SD_VAE,
+        taesd={},
+        text_encoder={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "hidden_act": "gelu",
+            "projection_dim": 1024,
+        },
+        half_precision=True,
+    ),
+    "sd15": SyntheticSpec(
+        unet=_sd_unet(8, 768, linear=False),
+        vae=SD_VAE,
+        taesd={},
+        text_encoder={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+        half_precision=True,
+    ),
+}
+
+
+def synthetic_name(model: str) -> str | None:
+    """The bare name in ``synthetic:<name>``, or None if ``model`` is not a synthetic model."""
+    if not model.startswith(SYNTHETIC_PREFIX):
+        return None
+    return model[len(SYNTHETIC_PREFIX) :]
+
+
+def default_synthetic_root() -> Path:
+    """Where synthetic models are kept: ``<cache>/synthetic``.
+
+    ``<cache>`` is ``$SD_BRIDGE_CACHE``, or ``~/.cache/sd-bridge`` when that is not set.
+    """
+    base = os.environ.get(CACHE_ENV)
+    root = Path(base) if base else Path.home() / ".cache" / "sd-bridge"
+    return root / "synthetic"
+
+
+def text_encoder_config(spec: SyntheticSpec, vocabulary: Mapping[str, int]) -> CLIPTextConfig:
+    """The CLIP text encoder configuration of ``spec``, with the token ids of ``vocabulary``."""
+    return CLIPTextConfig(
+        **spec.text_encoder,
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=vocabulary[BOS_TOKEN],
+        eos_token_id=vocabulary[EOS_TOKEN],
+        pad_token_id=vocabulary[EOS_TOKEN],
+    )
+
+
+def ensure_synthetic(name: str, root: str | Path | None = None) -> Path:
+    """Folder of the synthetic model ``name`` (``tiny`` or ``synthetic:tiny``), built on first use.
+
+    The folder is ``<root>/<name>-v<recipe>``; ``root`` defaults to :func:`default_synthetic_root`.
+    It is built in a temporary folder beside it and renamed into place, so a reader never sees
+    a half-written model, and two processes building at once both end with a complete one.
+    """
+    bare = synthetic_name(name) or name
+    if bare not in SPECS:
+        raise ValueError(
+            f"Unknown synthetic model {name!r}; choose one of "
+            f"{', '.join(SYNTHETIC_PREFIX + known for known in SPECS)}."
+        )
+    root = Path(root) if root is not None else default_synthetic_root()
+    folder = root / f"{bare}-v{RECIPE_VERSION}"
+    if folder.is_dir():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bare}-building-", dir=root))
+    try:
+        write_synthetic(SPECS[bare], staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            # Another process renamed its copy into place first; the copies are identical.
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def write_synthetic(spec: SyntheticSpec, folder: Path) -> None:
+    """Write a diffusers folder for ``spec`` with seeded random weights into ``folder``."""
+    vocabulary = write_clip_tokenizer(folder / "tokenizer", find_open_clip_bpe())
+    LCMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+
+    builders = {
+        "unet": lambda: UNet2DConditionModel(**spec.unet),
+        "vae": lambda: AutoencoderKL(**spec.vae),
+        TAESD_SUBFOLDER: lambda: AutoencoderTiny(**spec.taesd),
+        "text_encoder": lambda: CLIPTextModel(text_encoder_config(spec, vocabulary)),
+    }
+    for subfolder, build in builders.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_SEEDS[subfolder])
+            module = build()
+        if spec.half_precision:
+            module.half()
+        module.save_pretrained(folder / subfolder)
+        # Free each network before building the next: the large ones take gigabytes.
+        del module
+
+    # AutoencoderTiny saves a block_out_channels entry that its constructor does not take back,
+    # so loading would warn about it; the released TAESD configuration has no such entry.
+    taesd_config = folder / TAESD_SUBFOLDER / "config.json"
+    settings = json.loads(taesd_config.read_text(encoding="utf-8"))
+    settings.pop("block_out_channels", None)
+    taesd_config.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "LCMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
