@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
+
+from bridge.runtime.settings import RunSettings, load_config, merge
 
 EXIT_USAGE = 2
 
@@ -74,6 +77,159 @@ def _original_available() -> bool:
     return importlib.util.find_spec("streamdiffusion") is not None
 
 
+def _run_overrides(args: argparse.Namespace) -> dict:
+    names = [f.name for f in fields(RunSettings)]
+    return {name: getattr(args, name, None) for name in names}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start the bridge: input, pipeline, outputs and the OSC server, until stopped."""
+    config = load_config(Path(args.config)) if args.config else {}
+    settings = merge(config, _run_overrides(args))
+    return run_bridge(settings)
+
+
+def run_bridge(settings: RunSettings) -> int:
+    """Run the bridge with `settings`; returns the process exit code."""
+    import torch
+    from rich.console import Console
+
+    from bridge.accel import accelerate
+    from bridge.control import OscServer, OscServerError, ParamStore
+    from bridge.control.osc_server import parse_target
+    from bridge.io import TransportError, open_sink, open_source
+    from bridge.models import load_components
+    from bridge.runtime.engine import Engine, EngineHooks
+    from bridge.runtime.signals import stop_on_signals
+    from bridge.stream import StreamConfig, StreamDiffusion
+
+    console = Console(stderr=True, quiet=settings.quiet)
+    store = ParamStore(settings.store_values())
+    device = _device(None if settings.device == "auto" else settings.device)
+    dtype = _dtype(
+        ("fp16" if device.type == "cuda" else "fp32")
+        if settings.dtype == "auto"
+        else settings.dtype
+    )
+    accel = (
+        settings.accel
+        if settings.accel != "auto"
+        else ("cudagraph" if device.type == "cuda" else "none")
+    )
+    config = StreamConfig(
+        width=settings.width,
+        height=settings.height,
+        t_index_list=tuple(settings.t_index),
+        num_inference_steps=settings.num_inference_steps,
+        frame_buffer_size=settings.frame_buffer_size,
+        cfg_type=settings.cfg,
+        guidance_scale=settings.guidance,
+        delta=settings.delta,
+        seed=settings.seed,
+        mode=settings.mode,
+        similarity_filter=settings.filter,
+        similarity_threshold=settings.filter_threshold,
+        max_skip_frames=settings.filter_max_skip,
+    )
+    source = None
+    sinks = []
+    osc = None
+    try:
+        if settings.mode == "img2img":
+            source = open_source(
+                settings.input, width=settings.width, height=settings.height, fps=settings.fps
+            )
+        sinks = [
+            open_sink(uri, width=settings.width, height=settings.height, fps=settings.fps)
+            for uri in settings.output
+        ]
+        if settings.osc:
+            osc = OscServer(
+                store,
+                settings.osc_host,
+                settings.osc_port,
+                allow=settings.osc_allow,
+                feedback=[parse_target(t) for t in settings.osc_feedback],
+            )
+            osc.start()
+        with console.status(
+            f"loading {settings.model} on {device} ({str(dtype).removeprefix('torch.')})"
+        ):
+            components = load_components(
+                settings.model,
+                vae=None if settings.vae == "model" else settings.vae,
+                loras=[_lora(text) for text in settings.lora],
+                lcm_lora=settings.lcm_lora or None,
+                device=device,
+                dtype=dtype,
+            )
+        with console.status(f"preparing the stream ({accel})"):
+            with torch.inference_mode():
+                stream = accelerate(
+                    StreamDiffusion(
+                        components,
+                        config,
+                        prompt=settings.prompt,
+                        negative_prompt=settings.negative_prompt,
+                    ),
+                    accel,
+                )
+    except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
+        console.print(f"sd-bridge: {error}", markup=False, highlight=False)
+        _close_all(source, sinks, osc)
+        return EXIT_USAGE
+    hooks = EngineHooks(
+        status=lambda status: _show_status(console, status, osc),
+        error=osc.report_error if osc is not None else None,
+    )
+    engine = Engine(stream, store, source, sinks, hooks=hooks)
+    where = f"OSC on {settings.osc_host}:{osc.address[1]}" if osc else "OSC off"
+    console.print(
+        f"running: {settings.input if source else 'txt2img'} -> {', '.join(settings.output)}"
+        f" | {where} | Ctrl-C stops",
+        markup=False,
+        highlight=False,
+    )
+    with stop_on_signals() as stop, torch.inference_mode():
+        produced = engine.run(stop, max_frames=settings.frames or None)
+    _close_all(None, [], osc)
+    console.print(f"stopped after {produced} frames.", markup=False, highlight=False)
+    return 0
+
+
+def _show_status(console, status, osc) -> None:
+    console.print(status.line(), markup=False, highlight=False)
+    if osc is not None:
+        osc.publish_status(status.fps, status.latency_ms, status.drops, status.skips)
+
+
+def _close_all(source, sinks, osc) -> None:
+    for transport in [source, *sinks]:
+        if transport is not None:
+            transport.close()
+    if osc is not None:
+        osc.stop()
+
+
+def _lora(text: str) -> tuple[str, float]:
+    path, _, scale = text.rpartition(":")
+    if not path or not scale:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return text, 1.0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 32,45"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -81,6 +237,79 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live StreamDiffusion for VJ rigs: frames in, diffused frames out, OSC knobs.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the bridge", description="Run the bridge until Ctrl-C.")
+    io = run.add_argument_group("input and output")
+    io.add_argument(
+        "--input",
+        help="source URI (default pattern:bars): spout:NAME cam:0 shm:NAME file:PATH pattern:KIND",
+    )
+    io.add_argument(
+        "--output",
+        action="append",
+        help="sink URI, repeatable (default shm:sd-bridge-out): spout:NAME vcam shm:NAME file:PATH",
+    )
+    io.add_argument("--fps", type=float, help="pace of pattern and file inputs (default 30)")
+    model = run.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        help="diffusers folder, .safetensors file, Hugging Face id or synthetic:NAME "
+        "(default stabilityai/sd-turbo)",
+    )
+    model.add_argument(
+        "--vae", help="tiny (default), model (the model's own VAE), or a folder or id"
+    )
+    model.add_argument(
+        "--lora", action="append", help="LoRA file, optionally PATH:SCALE; repeatable"
+    )
+    model.add_argument("--lcm-lora", dest="lcm_lora", help="LCM-LoRA file, fused at scale 1")
+    model.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
+    model.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"))
+    model.add_argument(
+        "--accel",
+        choices=("auto", "none", "cudagraph", "compile"),
+        help="auto: cudagraph on CUDA, none elsewhere",
+    )
+    stream = run.add_argument_group("stream")
+    stream.add_argument("--prompt")
+    stream.add_argument("--negative-prompt", dest="negative_prompt")
+    stream.add_argument("--t-index", dest="t_index", type=_int_list, help="steps, e.g. 32,45")
+    stream.add_argument("--num-inference-steps", dest="num_inference_steps", type=int)
+    stream.add_argument("--cfg", choices=("none", "full", "self", "initialize"))
+    stream.add_argument("--guidance", type=float)
+    stream.add_argument("--delta", type=float)
+    stream.add_argument("--seed", type=int)
+    stream.add_argument("--width", type=int)
+    stream.add_argument("--height", type=int)
+    stream.add_argument("--frame-buffer-size", dest="frame_buffer_size", type=int)
+    stream.add_argument("--mode", choices=("img2img", "txt2img"))
+    stream.add_argument("--filter", action="store_true", default=None, help="similarity filter on")
+    stream.add_argument("--filter-threshold", dest="filter_threshold", type=float)
+    stream.add_argument("--filter-max-skip", dest="filter_max_skip", type=int)
+    control = run.add_argument_group("OSC")
+    control.add_argument(
+        "--osc-host", dest="osc_host", help="address to listen on (default 127.0.0.1)"
+    )
+    control.add_argument("--osc-port", dest="osc_port", type=int, help="UDP port (default 7000)")
+    control.add_argument(
+        "--osc-allow",
+        dest="osc_allow",
+        action="append",
+        help="host or network allowed to send; repeatable; needed for a non-loopback --osc-host",
+    )
+    control.add_argument(
+        "--osc-feedback",
+        dest="osc_feedback",
+        action="append",
+        help="host:port that receives status and errors; repeatable",
+    )
+    control.add_argument(
+        "--no-osc", dest="osc", action="store_false", default=None, help="no OSC server"
+    )
+    run.add_argument("--frames", type=int, help="stop after this many output frames")
+    run.add_argument("--config", help="TOML file with the same settings; the command line wins")
+    run.add_argument("--quiet", action="store_true", default=None, help="no status line")
+    run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="benchmark against the original StreamDiffusion")
     bench.add_argument("--cases", help="comma-separated case names (default: all for the device)")

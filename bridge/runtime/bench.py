@@ -290,7 +290,9 @@ def run_bench(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"loading {case.model} on {device} ({dtype})")
+            load_started = time.perf_counter()
             components = load_components(case.model, vae="tiny", device=device, dtype=dtype)
+            log(f"loaded {case.model} in {time.perf_counter() - load_started:.1f} s")
             if device.type == "cuda":
                 # Both implementations run on the same memory layout.
                 components.unet.to(memory_format=torch.channels_last)

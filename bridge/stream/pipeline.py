@@ -123,6 +123,14 @@ class StreamDiffusion:
         if uncond is not None:
             self._uncond.copy_(self._check_embedding(uncond))
 
+    def current_embedding(self) -> torch.Tensor:
+        """A copy of the prompt embedding in use."""
+        return self._cond.clone()
+
+    def current_noise(self) -> torch.Tensor:
+        """A copy of the per-slot noise in use."""
+        return self._noise.clone()
+
     def noise_for_seed(self, seed: int) -> torch.Tensor:
         """The per-slot noise a seed gives: (k*f, 4, h/8, w/8), the same on every device."""
         cfg = self.config

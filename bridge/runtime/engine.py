@@ -1,0 +1,256 @@
+"""The engine loop: the only place where transports, parameters and the pipeline meet.
+
+Between two frames the engine takes one snapshot of the parameter store and applies what
+changed, so a burst of OSC messages never leaves the pipeline half-updated. Prompts are encoded
+on a worker thread and swapped in when ready; fades move a little every frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bridge.control import ParamStore, Snapshot
+from bridge.io import Frame, Sink, Source, now
+from bridge.stream import StreamDiffusion
+
+from .metrics import Metrics, Status
+from .prompts import Fade, PromptWorker
+from .workers import CountingSlot, SinkWorker, SourceWorker
+
+log = logging.getLogger("sd_bridge")
+
+# Store names and the pipeline settings they drive.
+STREAM_SETTINGS = {
+    "guidance_scale": "guidance_scale",
+    "delta": "delta",
+    "cfg_type": "cfg_type",
+    "t_index_list": "t_index_list",
+    "num_inference_steps": "num_inference_steps",
+    "do_add_noise": "do_add_noise",
+    "filter_enable": "similarity_filter",
+    "filter_threshold": "similarity_threshold",
+    "filter_max_skip": "max_skip_frames",
+}
+JOIN_SECONDS = 1.5
+
+
+@dataclass
+class EngineHooks:
+    """Where the engine reports to: the status line and the OSC feedback, both optional."""
+
+    status: Callable[[Status], None] | None = None
+    error: Callable[[str, str], None] | None = None
+
+
+class HostTransfer:
+    """Moves frames between numpy and the device, through pinned memory when CUDA is there."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned_in: torch.Tensor | None = None
+        self._pinned_out: torch.Tensor | None = None
+
+    def upload(self, pixels: np.ndarray) -> torch.Tensor | np.ndarray:
+        """Frame pixels ready for the pipeline."""
+        if self.device.type != "cuda":
+            return pixels
+        source = torch.from_numpy(pixels)
+        if self._pinned_in is None or self._pinned_in.shape != source.shape:
+            self._pinned_in = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True)
+        self._pinned_in.copy_(source)
+        return self._pinned_in.to(self.device, non_blocking=True)
+
+    def download(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Pipeline output as a numpy array the sinks may keep."""
+        if isinstance(pixels, np.ndarray):
+            return pixels
+        if pixels.device.type != "cuda":
+            return pixels.numpy()
+        if self._pinned_out is None or self._pinned_out.shape != pixels.shape:
+            self._pinned_out = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        self._pinned_out.copy_(pixels, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return self._pinned_out.numpy().copy()
+
+
+class Engine:
+    """Runs the pipeline on frames from one source and hands results to every sink."""
+
+    def __init__(
+        self,
+        stream: StreamDiffusion,
+        store: ParamStore,
+        source: Source | None,
+        sinks: Sequence[Sink],
+        *,
+        hooks: EngineHooks | None = None,
+        metrics: Metrics | None = None,
+        status_interval: float = 1.0,
+    ) -> None:
+        if source is None and stream.config.mode != "txt2img":
+            raise ValueError("img2img needs an input; give --input or use --mode txt2img.")
+        self.stream = stream
+        self.store = store
+        self.source = source
+        self.sinks = list(sinks)
+        self.hooks = hooks or EngineHooks()
+        self.metrics = metrics or Metrics()
+        self.status_interval = status_interval
+        self.transfer = HostTransfer(stream.device)
+        self.input_slot = CountingSlot(lambda: self.metrics.count(drops=1))
+        self.paused = False
+        self._applied = -1
+        self._prompt_fade: Fade | None = None
+        self._noise_fade: Fade | None = None
+        self._pending_seed: int | None = None
+        self._prompts = PromptWorker(stream.encode_prompt, stream.device)
+        self._reported_skips = 0
+        self._sink_workers: list[SinkWorker] = []
+
+    def run(self, stop: threading.Event, max_frames: int | None = None) -> int:
+        """Process frames until `stop` is set or after `max_frames` outputs; return the count."""
+        self._sink_workers = [SinkWorker(sink, self.metrics, stop) for sink in self.sinks]
+        workers: list[threading.Thread] = list(self._sink_workers)
+        if self.source is not None:
+            workers.append(SourceWorker(self.source, self.input_slot, stop))
+        self._prompts.start()
+        for worker in workers:
+            worker.start()
+        self.apply(self.store.snapshot())
+        produced = 0
+        next_status = now() + self.status_interval
+        try:
+            while not stop.is_set() and (max_frames is None or produced < max_frames):
+                snapshot = self.store.snapshot()
+                if snapshot.version != self._applied:
+                    self.apply(snapshot)
+                self._advance_fades()
+                if self._step():
+                    produced += 1
+                if now() >= next_status:
+                    self._report_status()
+                    next_status = now() + self.status_interval
+        finally:
+            self._wait_for_sinks()
+            stop.set()
+            self._prompts.stop()
+            for worker in workers:
+                worker.join(JOIN_SECONDS)
+        return produced
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Bring the pipeline in line with a snapshot of the store."""
+        first = self._applied < 0
+        changed = set(snapshot.values) if first else snapshot.changed_since(self._applied)
+        self._applied = snapshot.version
+        self.paused = bool(snapshot["pause"])
+        settings = {
+            target: snapshot[name] for name, target in STREAM_SETTINGS.items() if name in changed
+        }
+        if settings:
+            try:
+                self.stream.update(**settings)
+            except ValueError as error:
+                self._report_error("/sd", str(error))
+        if "seed" in changed:
+            self._change_seed(int(snapshot["seed"]), 0.0 if first else float(snapshot["seed_fade"]))
+        if changed & {"prompt", "negative_prompt"}:
+            fade = 0.0 if first else float(snapshot["prompt_fade"])
+            self._prompts.request(str(snapshot["prompt"]), str(snapshot["negative_prompt"]), fade)
+
+    def _change_seed(self, seed: int, fade_seconds: float) -> None:
+        if fade_seconds <= 0:
+            self._noise_fade = None
+            self.stream.update(seed=seed)
+            return
+        target = self.stream.noise_for_seed(seed)
+        self._noise_fade = Fade(self.stream.current_noise(), target, fade_seconds, now(), True)
+        self._pending_seed = seed
+
+    def _advance_fades(self) -> None:
+        encoded = self._prompts.take()
+        if encoded is not None:
+            encoded.wait()
+            if encoded.fade_seconds > 0:
+                start = self.stream.current_embedding()
+                self._prompt_fade = Fade(start, encoded.cond, encoded.fade_seconds, now(), False)
+                self.stream.set_embeddings(self.stream.current_embedding(), encoded.uncond)
+            else:
+                self._prompt_fade = None
+                self.stream.set_embeddings(encoded.cond, encoded.uncond)
+        at = now()
+        if self._prompt_fade is not None:
+            self.stream.set_embeddings(self._prompt_fade.value(at))
+            if self._prompt_fade.progress(at) >= 1.0:
+                self._prompt_fade = None
+        if self._noise_fade is not None:
+            self.stream.set_noise(self._noise_fade.value(at))
+            if self._noise_fade.progress(at) >= 1.0:
+                self._noise_fade = None
+                self.stream.update(seed=self._pending_seed)
+
+    def _step(self) -> bool:
+        if self.paused:
+            time.sleep(0.01)
+            return False
+        started = now()
+        if self.stream.config.mode == "txt2img":
+            output = self.stream.txt2img()
+            frames = [(started, "rgb")]
+        else:
+            batch = self._take_input()
+            if batch is None:
+                return False
+            pixel_format = batch[0].pixel_format
+            stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
+            output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
+            frames = [(f.capture_time, pixel_format) for f in batch]
+        pixels = self.transfer.download(output)
+        self.metrics.frame_done(now() - started)
+        if pixels.ndim == 3:
+            pixels = pixels[np.newaxis]
+        for (capture_time, pixel_format), image in zip(frames, pixels, strict=True):
+            index = self.metrics.frames
+            frame = Frame(np.ascontiguousarray(image), pixel_format, capture_time, index)
+            for worker in self._sink_workers:
+                worker.slot.put(frame)
+        return True
+
+    def _take_input(self) -> list[Frame] | None:
+        wanted = self.stream.config.frame_buffer_size
+        batch: list[Frame] = []
+        while len(batch) < wanted:
+            frame = self.input_slot.take(timeout=0.05)
+            if frame is None:
+                return None
+            if batch and frame.pixel_format != batch[0].pixel_format:
+                frame = frame.to(batch[0].pixel_format)
+            batch.append(frame)
+        return batch
+
+    def _report_status(self) -> None:
+        skips = self.stream.frames_skipped - self._reported_skips
+        if skips:
+            self.metrics.count(skips=skips)
+            self._reported_skips = self.stream.frames_skipped
+        if self.hooks.status is not None:
+            self.hooks.status(self.metrics.status())
+
+    def _report_error(self, address: str, sentence: str) -> None:
+        log.error("%s: %s", address, sentence)
+        if self.hooks.error is not None:
+            self.hooks.error(address, sentence)
+
+    def _wait_for_sinks(self) -> None:
+        """Give sinks a moment to write the last frames before they are stopped."""
+        deadline = now() + 0.5
+        for worker in self._sink_workers:
+            while worker.slot.has_unread() and now() < deadline:
+                time.sleep(0.005)

@@ -1,0 +1,80 @@
+"""Counters and timings of a running bridge, read once a second for the status line and OSC."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from bridge.io import now
+
+
+@dataclass(frozen=True)
+class Status:
+    """One report: rates over the last window, totals since start."""
+
+    fps: float
+    latency_ms: float
+    latency_p99_ms: float
+    gpu_ms: float
+    frames: int
+    drops: int
+    skips: int
+    sink_errors: int
+
+    def line(self) -> str:
+        """The one-line status shown once a second."""
+        return (
+            f"{self.fps:6.1f} fps | latency {self.latency_ms:6.1f} ms"
+            f" (p99 {self.latency_p99_ms:.1f}) | step {self.gpu_ms:5.1f} ms"
+            f" | frames {self.frames} | drops {self.drops} | skips {self.skips}"
+        )
+
+
+class Metrics:
+    """Thread-safe: the engine records frames, sink threads record deliveries and drops."""
+
+    def __init__(self, window: int = 240) -> None:
+        self._lock = threading.Lock()
+        self._done_at: deque[float] = deque(maxlen=window)
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._step_times: deque[float] = deque(maxlen=window)
+        self.frames = 0
+        self.drops = 0
+        self.skips = 0
+        self.sink_errors = 0
+
+    def frame_done(self, step_seconds: float) -> None:
+        """The engine produced a frame; `step_seconds` is the time its step took."""
+        with self._lock:
+            self.frames += 1
+            self._done_at.append(now())
+            self._step_times.append(step_seconds)
+
+    def delivered(self, capture_time: float) -> None:
+        """A sink wrote a frame captured at `capture_time` (seconds on `bridge.io.now`)."""
+        with self._lock:
+            self._latencies.append(now() - capture_time)
+
+    def count(self, *, drops: int = 0, skips: int = 0, sink_errors: int = 0) -> None:
+        """Add to the totals."""
+        with self._lock:
+            self.drops += drops
+            self.skips += skips
+            self.sink_errors += sink_errors
+
+    def status(self) -> Status:
+        """Rates over the recent window and totals so far."""
+        with self._lock:
+            done = list(self._done_at)
+            latencies = sorted(self._latencies)
+            steps = list(self._step_times)
+            totals = (self.frames, self.drops, self.skips, self.sink_errors)
+        fps = (
+            (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else 0.0
+        )
+        median = statistics.median(latencies) if latencies else 0.0
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
+        step = statistics.median(steps) if steps else 0.0
+        return Status(fps, median * 1000, p99 * 1000, step * 1000, *totals)
