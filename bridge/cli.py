@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -198,7 +199,7 @@ def run_bridge(settings: RunSettings) -> int:
 
 
 def _show_status(console, status, osc) -> None:
-    console.print(status.line(), markup=False, highlight=False)
+    console.print(status.line(), markup=False, highlight=False, soft_wrap=True)
     if osc is not None:
         osc.publish_status(status.fps, status.latency_ms, status.drops, status.skips)
 
@@ -228,6 +229,53 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of integers, e.g. 32,45"
         ) from None
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the transports this machine can use and the devices that exist now."""
+    from bridge.io import available_transports, enumerate_devices
+
+    print("transports:")
+    for info in available_transports():
+        roles = "/".join(role for role, has in (("in", info.source), ("out", info.sink)) if has)
+        state = "yes" if info.usable else "no "
+        note = f"  ({info.reason})" if info.reason else ""
+        print(f"  {state} {info.name:<8} {roles:<7} {info.usage}{note}")
+    devices = enumerate_devices()
+    print("devices:" if devices else "devices: none found")
+    for device in devices:
+        print(f"  {device.uri:<32} {device.kind}: {device.description}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print the GPU, library versions, usable transports and cached models."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from bridge.models.hub import hf_hub_cache
+
+    print(f"python       {platform.python_version()} on {platform.platform()}")
+    for package in ("torch", "diffusers", "transformers", "xformers", "python-osc", "SpoutGL"):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:<13}{version}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            memory = props.total_memory / 2**30
+            print(f"gpu {index}        {props.name}, {memory:.0f} GiB, CUDA {torch.version.cuda}")
+    else:
+        print("gpu          none found by torch (CPU only: expect a few frames per second at most)")
+    cache = hf_hub_cache()
+    models = sorted(p.name[len("models--") :].replace("--", "/") for p in cache.glob("models--*"))
+    print(f"hf cache     {cache}: {', '.join(models) if models else 'no models'}")
+    print()
+    return cmd_list(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", default=None, help="no status line")
     run.set_defaults(func=cmd_run)
 
+    listing = sub.add_parser("list", help="transports and devices on this machine")
+    listing.set_defaults(func=cmd_list)
+    doctor = sub.add_parser("doctor", help="GPU, versions, transports and cached models")
+    doctor.set_defaults(func=cmd_doctor)
+
     bench = sub.add_parser("bench", help="benchmark against the original StreamDiffusion")
     bench.add_argument("--cases", help="comma-separated case names (default: all for the device)")
     bench.add_argument("--accel", help="comma-separated modes: none, cudagraph, compile")
@@ -331,8 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own status: no library progress bars or advisory warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sd-bridge` console script."""
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

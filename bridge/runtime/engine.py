@@ -200,14 +200,15 @@ class Engine:
         if self.paused:
             time.sleep(0.01)
             return False
-        started = now()
         if self.stream.config.mode == "txt2img":
+            started = now()
             output = self.stream.txt2img()
             frames = [(started, "rgb")]
         else:
             batch = self._take_input()
             if batch is None:
                 return False
+            started = now()
             pixel_format = batch[0].pixel_format
             stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
             output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
