@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from bridge.control import ParamStore, Snapshot
 from bridge.io import Frame, Sink, Source, now
@@ -22,6 +21,7 @@ from bridge.stream import StreamDiffusion
 
 from .metrics import Metrics, Status
 from .prompts import Fade, PromptWorker
+from .transfer import HostTransfer, PendingFrames
 from .workers import CountingSlot, SinkWorker, SourceWorker
 
 log = logging.getLogger("sd_bridge")
@@ -47,37 +47,6 @@ class EngineHooks:
 
     status: Callable[[Status], None] | None = None
     error: Callable[[str, str], None] | None = None
-
-
-class HostTransfer:
-    """Moves frames between numpy and the device, through pinned memory when CUDA is there."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._pinned_in: torch.Tensor | None = None
-        self._pinned_out: torch.Tensor | None = None
-
-    def upload(self, pixels: np.ndarray) -> torch.Tensor | np.ndarray:
-        """Frame pixels ready for the pipeline."""
-        if self.device.type != "cuda":
-            return pixels
-        source = torch.from_numpy(pixels)
-        if self._pinned_in is None or self._pinned_in.shape != source.shape:
-            self._pinned_in = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True)
-        self._pinned_in.copy_(source)
-        return self._pinned_in.to(self.device, non_blocking=True)
-
-    def download(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Pipeline output as a numpy array the sinks may keep."""
-        if isinstance(pixels, np.ndarray):
-            return pixels
-        if pixels.device.type != "cuda":
-            return pixels.numpy()
-        if self._pinned_out is None or self._pinned_out.shape != pixels.shape:
-            self._pinned_out = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        self._pinned_out.copy_(pixels, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return self._pinned_out.numpy().copy()
 
 
 class Engine:
@@ -113,6 +82,7 @@ class Engine:
         self._prompts = PromptWorker(stream.encode_prompt, stream.device)
         self._reported_skips = 0
         self._sink_workers: list[SinkWorker] = []
+        self._pending: PendingFrames | None = None
 
     def run(self, stop: threading.Event, max_frames: int | None = None) -> int:
         """Process frames until `stop` is set or after `max_frames` outputs; return the count."""
@@ -138,6 +108,9 @@ class Engine:
                     self._report_status()
                     next_status = now() + self.status_interval
         finally:
+            if self._pending is not None:
+                self._deliver(self._pending)
+                self._pending = None
             self._wait_for_sinks()
             stop.set()
             self._prompts.stop()
@@ -197,32 +170,37 @@ class Engine:
                 self.stream.update(seed=self._pending_seed)
 
     def _step(self) -> bool:
+        """Launch the next frame, then deliver the previous one while the GPU works."""
+        launched = None if self.paused else self._launch()
+        if self._pending is not None:
+            self._deliver(self._pending)
+        self._pending = launched
         if self.paused:
             time.sleep(0.01)
-            return False
+        return launched is not None
+
+    def _launch(self) -> PendingFrames | None:
         if self.stream.config.mode == "txt2img":
             started = now()
             output = self.stream.txt2img()
-            frames = [(started, "rgb")]
-        else:
-            batch = self._take_input()
-            if batch is None:
-                return False
-            started = now()
-            pixel_format = batch[0].pixel_format
-            stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
-            output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
-            frames = [(f.capture_time, pixel_format) for f in batch]
-        pixels = self.transfer.download(output)
-        self.metrics.frame_done(now() - started)
-        if pixels.ndim == 3:
-            pixels = pixels[np.newaxis]
-        for (capture_time, pixel_format), image in zip(frames, pixels, strict=True):
-            index = self.metrics.frames
-            frame = Frame(np.ascontiguousarray(image), pixel_format, capture_time, index)
+            return self.transfer.download(output, [started], "rgb", started)
+        batch = self._take_input()
+        if batch is None:
+            return None
+        started = now()
+        pixel_format = batch[0].pixel_format
+        stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
+        output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
+        times = [f.capture_time for f in batch]
+        return self.transfer.download(output, times, pixel_format, started)
+
+    def _deliver(self, pending: PendingFrames) -> None:
+        pixels = pending.result()
+        self.metrics.frame_done(now() - pending.started)
+        for capture_time, image in zip(pending.capture_times, pixels, strict=True):
+            frame = Frame(image, pending.pixel_format, capture_time, self.metrics.frames)
             for worker in self._sink_workers:
                 worker.slot.put(frame)
-        return True
 
     def _take_input(self) -> list[Frame] | None:
         wanted = self.stream.config.frame_buffer_size
