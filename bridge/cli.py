@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -135,6 +136,7 @@ def run_bridge(settings: RunSettings) -> int:
     source = None
     sinks = []
     osc = None
+    stop = threading.Event()
     try:
         if settings.mode == "img2img":
             source = open_source(
@@ -151,6 +153,7 @@ def run_bridge(settings: RunSettings) -> int:
                 settings.osc_port,
                 allow=settings.osc_allow,
                 feedback=[parse_target(t) for t in settings.osc_feedback],
+                on_quit=stop.set,
             )
             osc.start()
         with console.status(
@@ -176,22 +179,37 @@ def run_bridge(settings: RunSettings) -> int:
                     accel,
                 )
     except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
-        console.print(f"sd-bridge: {error}", markup=False, highlight=False)
+        print(f"sd-bridge: {error}", file=sys.stderr)
         _close_all(source, sinks, osc)
         return EXIT_USAGE
     hooks = EngineHooks(
         status=lambda status: _show_status(console, status, osc),
         error=osc.report_error if osc is not None else None,
+        input_state=osc.publish_input if osc is not None else None,
     )
-    engine = Engine(stream, store, source, sinks, hooks=hooks)
+    try:
+        engine = Engine(
+            stream,
+            store,
+            source,
+            sinks,
+            hooks=hooks,
+            on_input_loss=settings.on_input_loss,
+            hold_fps=settings.fps,
+        )
+    except ValueError as error:
+        print(f"sd-bridge: {error}", file=sys.stderr)
+        _close_all(source, sinks, osc)
+        return EXIT_USAGE
     where = f"OSC on {settings.osc_host}:{osc.address[1]}" if osc else "OSC off"
     console.print(
         f"running: {settings.input if source else 'txt2img'} -> {', '.join(settings.output)}"
         f" | {where} | Ctrl-C stops",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
-    with stop_on_signals() as stop, torch.inference_mode():
+    with stop_on_signals(stop), torch.inference_mode():
         produced = engine.run(stop, max_frames=settings.frames or None)
     _close_all(None, [], osc)
     console.print(f"stopped after {produced} frames.", markup=False, highlight=False)
@@ -298,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sink URI, repeatable (default shm:sd-bridge-out): spout:NAME vcam shm:NAME file:PATH",
     )
     io.add_argument("--fps", type=float, help="pace of pattern and file inputs (default 30)")
+    io.add_argument(
+        "--on-input-loss",
+        dest="on_input_loss",
+        choices=("last", "black"),
+        help="while the input is gone, keep sending the last frame (default) or black",
+    )
     model = run.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -404,5 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def entry() -> None:
+    """The console script: `main`, then a prompt exit.
+
+    Everything the bridge opened is closed before `main` returns; skipping the interpreter's
+    slow teardown of torch and its threads keeps a stop within the promised two seconds.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

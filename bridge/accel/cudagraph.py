@@ -45,6 +45,7 @@ class GraphedFrameStep:
     def _capture(self, pixels: torch.Tensor, pixel_format: str, key: tuple) -> None:
         stream = self.stream
         self._graph = None
+        self._key = None  # a capture that fails leaves nothing to replay
         self._static_in = pixels.clone()
         saved = [tensor.clone() for tensor in stream.state_tensors()]
         # Warm-up runs on a side stream (as capture requires) and lets lazy initialisation and

@@ -109,7 +109,8 @@ class OscServer:
     Binds `host` (default 127.0.0.1, loopback only) and `port` (default 7000; 0 picks a free
     one). Binding any other address needs `allow`: addresses, networks or host names whose
     datagrams are served; everyone else's are dropped and counted. `feedback` lists targets
-    that always receive status and errors, besides those that `/sd/subscribe`.
+    that always receive status and errors, besides those that `/sd/subscribe`. `/sd/quit`
+    calls `on_quit` (a plugin's clean way to stop the bridge where it cannot send a signal).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class OscServer:
         *,
         allow: Iterable[str] = (),
         feedback: Iterable[Target] = (),
+        on_quit: Callable[[], None] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"OSC port {port} is out of range; pick one from 1 to 65535.")
@@ -147,7 +149,9 @@ class OscServer:
             "/sd/list": self._list,
             "/sd/subscribe": self._subscribe,
             "/sd/unsubscribe": self._unsubscribe,
+            "/sd/quit": self._quit,
         }
+        self._on_quit = on_quit
 
     @property
     def address(self) -> Target:
@@ -232,6 +236,11 @@ class OscServer:
             self._send(target, "/sd/status/latency_ms", float(latency_ms))
             self._send(target, "/sd/status/drops", int(drops))
             self._send(target, "/sd/status/skips", int(skips))
+
+    def publish_input(self, state: str) -> None:
+        """Send `/sd/status/input <state>` ("lost" or "ok") to every feedback target."""
+        for target in self.subscribers:
+            self._send(target, "/sd/status/input", state)
 
     def report_error(self, address: str, sentence: str) -> None:
         """Send `/sd/error <address> <sentence>` to every feedback target and log it."""
@@ -377,6 +386,16 @@ class OscServer:
             f"/sd/subscribe refused: {MAX_SUBSCRIBERS} targets already subscribed; "
             "send /sd/unsubscribe from one you no longer use.",
         )
+
+    def _quit(self, args: Sequence[object], sender: Target) -> None:
+        if args:
+            self._refuse(sender, "/sd/quit", "/sd/quit takes no arguments; send it bare.")
+            return
+        if self._on_quit is None:
+            self._refuse(sender, "/sd/quit", "this server cannot stop its process.")
+            return
+        log.info("stopping: /sd/quit from %s:%d", *sender)
+        self._on_quit()
 
     def _unsubscribe(self, args: Sequence[object], sender: Target) -> None:
         port = self._port_argument("/sd/unsubscribe", args, sender)

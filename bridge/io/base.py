@@ -85,6 +85,10 @@ class Source(_Transport):
 class Sink(_Transport):
     """Where frames go. Use as a context manager, or call `open` and `close`."""
 
+    # A recording wants every frame even if it falls behind a little; a live output wants only
+    # the newest one.
+    keeps_every_frame = False
+
     def write(self, frame: Frame) -> None:
         """Send one frame on; a sink of any size takes frames of any size (see each sink)."""
         self._require_open()

@@ -216,6 +216,8 @@ class ImageSequenceSource(Source):
 class VideoFileSink(Sink):
     """Encodes frames into a video file at a constant frame rate."""
 
+    keeps_every_frame = True
+
     def __init__(
         self, path: str, width: int, height: int, *, fps: float = 30.0, codec: str | None = None
     ):
@@ -282,6 +284,8 @@ class VideoFileSink(Sink):
 
 class ImageSequenceSink(Sink):
     """Saves every frame as its own image, named by the pattern's counter."""
+
+    keeps_every_frame = True
 
     def __init__(self, pattern: str):
         super().__init__()

@@ -23,8 +23,6 @@ Reader side::
     got = reader.read()  # None, or (pixels, FrameMeta) for a frame not seen before
 """
 
-from __future__ import annotations
-
 import math
 import os
 import re
@@ -357,7 +355,7 @@ class ShmWriter:
         self._retired = self._frames = None
         _unlink(index)
 
-    def __enter__(self) -> ShmWriter:
+    def __enter__(self) -> "ShmWriter":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -487,7 +485,7 @@ class ShmReader:
         """Detach from the segments; the writer's segments stay. Safe to call twice."""
         self._detach()
 
-    def __enter__(self) -> ShmReader:
+    def __enter__(self) -> "ShmReader":
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from bridge.control import ParamStore, Snapshot
 from bridge.io import Frame, Sink, Source, now
@@ -38,15 +39,20 @@ STREAM_SETTINGS = {
     "filter_threshold": "similarity_threshold",
     "filter_max_skip": "max_skip_frames",
 }
-JOIN_SECONDS = 1.5
+JOIN_SECONDS = 1.0
+
+
+INPUT_LOSS_POLICIES = ("last", "black")
+MAX_FAILED_STEPS = 20
 
 
 @dataclass
 class EngineHooks:
-    """Where the engine reports to: the status line and the OSC feedback, both optional."""
+    """Where the engine reports to: the status line and the OSC feedback, all optional."""
 
     status: Callable[[Status], None] | None = None
     error: Callable[[str, str], None] | None = None
+    input_state: Callable[[str], None] | None = None
 
 
 class Engine:
@@ -62,9 +68,20 @@ class Engine:
         hooks: EngineHooks | None = None,
         metrics: Metrics | None = None,
         status_interval: float = 1.0,
+        on_input_loss: str = "last",
+        input_loss_after: float = 0.5,
+        hold_fps: float = 30.0,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
             raise ValueError("img2img needs an input; give --input or use --mode txt2img.")
+        if on_input_loss not in INPUT_LOSS_POLICIES:
+            raise ValueError(
+                f"on_input_loss must be one of {', '.join(INPUT_LOSS_POLICIES)}, "
+                f"got {on_input_loss!r}."
+            )
+        self.on_input_loss = on_input_loss
+        self.input_loss_after = input_loss_after
+        self.hold_period = 1.0 / hold_fps
         self.stream = stream
         self.store = store
         self.source = source
@@ -83,6 +100,12 @@ class Engine:
         self._reported_skips = 0
         self._sink_workers: list[SinkWorker] = []
         self._pending: PendingFrames | None = None
+        self._last_frame: Frame | None = None
+        self._last_input_at: float | None = None
+        self._input_lost = False
+        self._next_hold = 0.0
+        self._good = stream.config
+        self._failed_steps = 0
 
     def run(self, stop: threading.Event, max_frames: int | None = None) -> int:
         """Process frames until `stop` is set or after `max_frames` outputs; return the count."""
@@ -114,8 +137,9 @@ class Engine:
             self._wait_for_sinks()
             stop.set()
             self._prompts.stop()
+            deadline = now() + JOIN_SECONDS
             for worker in workers:
-                worker.join(JOIN_SECONDS)
+                worker.join(max(0.0, deadline - now()))
         return produced
 
     def apply(self, snapshot: Snapshot) -> None:
@@ -130,8 +154,8 @@ class Engine:
         if settings:
             try:
                 self.stream.update(**settings)
-            except ValueError as error:
-                self._report_error("/sd", str(error))
+            except (ValueError, RuntimeError) as error:
+                self._fall_back(error)
         if "seed" in changed:
             self._change_seed(int(snapshot["seed"]), 0.0 if first else float(snapshot["seed_fade"]))
         if changed & {"prompt", "negative_prompt"}:
@@ -171,13 +195,70 @@ class Engine:
 
     def _step(self) -> bool:
         """Launch the next frame, then deliver the previous one while the GPU works."""
-        launched = None if self.paused else self._launch()
+        launched = None if self.paused else self._launch_guarded()
         if self._pending is not None:
             self._deliver(self._pending)
         self._pending = launched
         if self.paused:
             time.sleep(0.01)
+        elif launched is None and self.source is not None:
+            self._hold_output()
         return launched is not None
+
+    def _launch_guarded(self) -> PendingFrames | None:
+        """A frame step that fails (out of GPU memory after a change, say) is not the end."""
+        try:
+            launched = self._launch()
+        except RuntimeError as error:
+            self._failed_steps += 1
+            if self._failed_steps > MAX_FAILED_STEPS:
+                raise
+            if self.stream.config != self._good:
+                self._fall_back(error)
+            else:
+                self._report_error("/sd", f"a frame failed: {error}")
+            return None
+        if launched is not None:
+            self._failed_steps = 0
+            self._good = self.stream.config
+        return launched
+
+    def _fall_back(self, error: Exception) -> None:
+        """Return to the last settings that produced frames, in the pipeline and the store."""
+        good = self._good
+        if self.stream.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stream.update(**{target: getattr(good, target) for target in STREAM_SETTINGS.values()})
+        self.store.set_many(
+            {name: getattr(good, target) for name, target in STREAM_SETTINGS.items()}
+        )
+        self._applied = self.store.version
+        self._report_error("/sd", f"{error}; back to the last settings that worked.")
+
+    def _hold_output(self) -> None:
+        """While the input is gone, keep the outputs alive with the last frame or black."""
+        at = now()
+        if self._last_frame is None or self._last_input_at is None:
+            return
+        if at - self._last_input_at < self.input_loss_after:
+            return
+        if not self._input_lost:
+            self._input_lost = True
+            what = "the last frame" if self.on_input_loss == "last" else "black"
+            name = self.source.describe()
+            self._report_error(
+                "/sd/input", f"input {name} is gone; sending {what} until it returns."
+            )
+            if self.hooks.input_state is not None:
+                self.hooks.input_state("lost")
+        if at < self._next_hold:
+            return
+        self._next_hold = at + self.hold_period
+        held = self._last_frame
+        pixels = held.pixels if self.on_input_loss == "last" else _black_like(held)
+        frame = Frame(pixels, held.pixel_format, at, held.index)
+        for worker in self._sink_workers:
+            worker.slot.put(frame)
 
     def _launch(self) -> PendingFrames | None:
         if self.stream.config.mode == "txt2img":
@@ -187,7 +268,12 @@ class Engine:
         batch = self._take_input()
         if batch is None:
             return None
-        started = now()
+        started = self._last_input_at = now()
+        if self._input_lost:
+            self._input_lost = False
+            log.info("input %s is back", self.source.describe())
+            if self.hooks.input_state is not None:
+                self.hooks.input_state("ok")
         pixel_format = batch[0].pixel_format
         stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
         output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
@@ -201,12 +287,13 @@ class Engine:
             frame = Frame(image, pending.pixel_format, capture_time, self.metrics.frames)
             for worker in self._sink_workers:
                 worker.slot.put(frame)
+            self._last_frame = frame
 
     def _take_input(self) -> list[Frame] | None:
         wanted = self.stream.config.frame_buffer_size
         batch: list[Frame] = []
         while len(batch) < wanted:
-            frame = self.input_slot.take(timeout=0.05)
+            frame = self.input_slot.take(timeout=min(0.05, self.hold_period / 2))
             if frame is None:
                 return None
             if batch and frame.pixel_format != batch[0].pixel_format:
@@ -229,7 +316,15 @@ class Engine:
 
     def _wait_for_sinks(self) -> None:
         """Give sinks a moment to write the last frames before they are stopped."""
-        deadline = now() + 0.5
+        deadline = now() + 0.3
         for worker in self._sink_workers:
             while worker.slot.has_unread() and now() < deadline:
                 time.sleep(0.005)
+
+
+def _black_like(frame: Frame) -> np.ndarray:
+    """A black picture of the frame's size and format, opaque where there is alpha."""
+    pixels = np.zeros_like(frame.pixels)
+    if frame.pixels.shape[2] == 4:
+        pixels[..., 3] = 255
+    return pixels

@@ -45,6 +45,7 @@ class RunSettings:
     dtype: str = "auto"
     device: str = "auto"
     fps: float = 30.0
+    on_input_loss: str = "last"
     frames: int = 0
     osc_host: str = "127.0.0.1"
     osc_port: int = 7000

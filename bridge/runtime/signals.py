@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals(stop: threading.Event | None = None) -> Iterator[threading.Event]:
     """An event that SIGINT, SIGTERM (and SIGBREAK on Windows) set; handlers restored after."""
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
     names = ["SIGINT", "SIGTERM", "SIGBREAK"]
     wanted = [getattr(signal, name) for name in names if hasattr(signal, name)]
     previous = {}

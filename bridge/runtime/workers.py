@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from bridge.io import Frame, Sink, Source, TransportError
@@ -49,6 +50,34 @@ class CountingSlot(FrameSlot):
             with self._flag:
                 self._unread = False
         return frame
+
+
+class FrameQueue:
+    """A bounded queue for sinks that keep every frame; when full, the oldest frame is dropped."""
+
+    def __init__(self, on_drop: Callable[[], None], capacity: int = 120) -> None:
+        self._frames: deque[Frame] = deque()
+        self._capacity = capacity
+        self._on_drop = on_drop
+        self._condition = threading.Condition()
+
+    def put(self, frame: Frame) -> None:
+        with self._condition:
+            if len(self._frames) >= self._capacity:
+                self._frames.popleft()
+                self._on_drop()
+            self._frames.append(frame)
+            self._condition.notify()
+
+    def take(self, timeout: float) -> Frame | None:
+        with self._condition:
+            if not self._frames:
+                self._condition.wait(max(timeout, 0.0))
+            return self._frames.popleft() if self._frames else None
+
+    def has_unread(self) -> bool:
+        with self._condition:
+            return bool(self._frames)
 
 
 class SourceWorker(threading.Thread):
@@ -96,7 +125,8 @@ class SinkWorker(threading.Thread):
         self.sink = sink
         self.metrics = metrics
         self.stop_event = stop
-        self.slot = CountingSlot(lambda: metrics.count(drops=1))
+        drop = lambda: metrics.count(drops=1)  # noqa: E731
+        self.slot = FrameQueue(drop) if sink.keeps_every_frame else CountingSlot(drop)
         self.written = 0
 
     def run(self) -> None:

@@ -6,27 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge.control import OscClient, OscServer, ParamStore
-
-
-@pytest.fixture
-def store() -> ParamStore:
-    """A store holding the defaults."""
-    return ParamStore()
-
-
-@pytest.fixture
-def server(store: ParamStore) -> Iterator[OscServer]:
-    """An OSC server on 127.0.0.1 and a free port, serving `store`."""
-    with OscServer(store, port=0) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: OscServer) -> Iterator[OscClient]:
-    """A client sending to `server` from 127.0.0.1 and reading its replies."""
-    with OscClient(*server.address, local_host="127.0.0.1") as connected:
-        yield connected
+from bridge.control import OscClient
 
 
 @pytest.fixture

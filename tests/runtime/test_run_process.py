@@ -100,10 +100,13 @@ def test_sigterm_stops_within_two_seconds_and_removes_the_output_segment(bridge_
     name_out = shm_name()
     process = bridge_process(*TINY, "--output", f"shm:{name_out}", "--no-osc", "--quiet")
     deadline = time.monotonic() + 60
-    while not Path(f"/dev/shm/{name_out}").exists():
+    reader = None
+    while reader is None or reader.read() is None:  # running: frames are coming out
         assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
+        if reader is None and Path(f"/dev/shm/{name_out}").exists():
+            reader = ShmReader(name_out)
         time.sleep(0.05)
-    time.sleep(0.5)
+    reader.close()
     process.send_signal(signal.SIGTERM)
     started = time.monotonic()
     process.wait(timeout=10)
@@ -162,3 +165,132 @@ def test_the_command_line_overrides_the_config_file(bridge_process, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped after 2 frames" in stderr
+
+
+def test_pattern_to_an_mp4_file_gives_that_many_frames_of_the_requested_size(
+    bridge_process, tmp_path
+):
+    import av
+
+    out = tmp_path / "out.mp4"
+    process = bridge_process(
+        "--model",
+        "synthetic:tiny",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--output",
+        f"file:{out}",
+        "--frames",
+        "20",
+        "--no-osc",
+    )
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    with av.open(str(out)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 20
+    assert (frames[0].width, frames[0].height) == (96, 64)
+
+
+def test_a_video_file_goes_through_to_a_reader_in_another_process(
+    bridge_process, shm_name, tmp_path
+):
+    import av
+
+    clip = tmp_path / "in.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for index in range(30):
+            image = np.full((64, 64, 3), index * 8, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    name = shm_name()
+    process = bridge_process(
+        *TINY, "--input", f"file:{clip}", "--output", f"shm:{name}", "--no-osc", "--quiet"
+    )
+    reader_code = (
+        "import sys, time\n"
+        "from bridge.io.shm_protocol import ShmReader\n"
+        "deadline = time.monotonic() + 90\n"
+        "reader = None\n"
+        "while reader is None:\n"
+        "    try:\n"
+        "        reader = ShmReader(sys.argv[1])\n"
+        "    except Exception:\n"
+        "        assert time.monotonic() < deadline\n"
+        "        time.sleep(0.05)\n"
+        "got = 0\n"
+        "while got < 10 and time.monotonic() < deadline:\n"
+        "    frame = reader.read()\n"
+        "    if frame is not None:\n"
+        "        got += 1\n"
+        "        assert frame[0].shape == (64, 64, 3), frame[0].shape\n"
+        "    time.sleep(0.005)\n"
+        "print('frames', got)\n"
+    )
+    import subprocess
+    import sys
+
+    reader = subprocess.run(
+        [sys.executable, "-c", reader_code, name], capture_output=True, text=True, timeout=120
+    )
+    assert process.poll() is None, process.communicate()[1]
+    assert reader.returncode == 0, reader.stderr
+    assert "frames 10" in reader.stdout
+
+
+def test_a_second_bridge_on_the_same_shm_output_is_refused_with_exit_code_two(
+    bridge_process, shm_name
+):
+    name = shm_name()
+    first = bridge_process(*TINY, "--output", f"shm:{name}", "--no-osc", "--quiet")
+    deadline = time.monotonic() + 60
+    while not Path(f"/dev/shm/{name}").exists():
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1]
+        time.sleep(0.05)
+    second = bridge_process(*TINY, "--output", f"shm:{name}", "--no-osc")
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 2
+    assert name in stderr and "Traceback" not in stderr
+    assert first.poll() is None  # the first one is unharmed
+
+
+def test_bad_uris_are_one_sentence_and_exit_code_two(bridge_process, tmp_path):
+    cases = [
+        (("--input", "ndi:stage"), "ndi"),
+        (("--input", f"file:{tmp_path / 'missing.mp4'}"), "missing.mp4"),
+        (("--input", "cam:7"), "7"),
+        (("--output", "pattern:bars"), "pattern"),
+    ]
+    for arguments, named in cases:
+        process = bridge_process(*TINY, *arguments, "--no-osc")
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, (arguments, stderr)
+        assert named in stderr and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) <= 2, stderr
+
+
+def test_sd_quit_over_osc_stops_the_bridge_cleanly(bridge_process, shm_name):
+    port = free_port()
+    name = shm_name()
+    process = bridge_process(*TINY, "--output", f"shm:{name}", "--osc-port", str(port), "--quiet")
+    with OscClient("127.0.0.1", port, timeout=1.0) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and process.poll() is None
+            client.send("/sd/get", "seed")
+            if client.receive(0.2) is not None:
+                break
+        client.send("/sd/quit", 1)
+        error = client.receive(2.0)
+        assert error is not None and error[0] == "/sd/error"
+        assert process.poll() is None  # a malformed quit is refused, not obeyed
+        client.send("/sd/quit")
+        process.wait(timeout=5)
+    assert process.returncode == 0
+    assert not Path(f"/dev/shm/{name}").exists()

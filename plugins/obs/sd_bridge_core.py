@@ -1,0 +1,501 @@
+"""What the OBS script needs besides OBS: OSC over UDP, the bridge's command line, its process.
+
+Standard library only: OBS runs scripts in its own Python, where nothing else is installed.
+OBS puts the script's folder on the import path, so `sd_bridge_obs.py` imports this file as
+`sd_bridge_core`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OscArg = int | float | str | bool
+Message = tuple[str, list[OscArg]]
+
+TEXT_SETTLE = 0.6
+"""Seconds a text field must rest before it is sent: OBS reports every keystroke."""
+RESUBSCRIBE_EVERY = 5.0
+"""Seconds between two `/sd/subscribe`: a restarted bridge has forgotten its subscribers."""
+STOP_GRACE = 5.0
+"""Seconds a stopping bridge gets to close its outputs before it is killed."""
+ERROR_PREFIX = "sd-bridge:"
+"""How the bridge starts the sentence it prints when it stops on an error."""
+
+# OSC 1.0: big-endian numbers; strings NUL-terminated and padded to a multiple of 4 bytes.
+_INT = struct.Struct(">i")
+_FLOAT = struct.Struct(">f")
+_BUNDLE_IMMEDIATELY = b"#bundle\0" + struct.pack(">Q", 1)
+
+
+def _osc_string(text: str) -> bytes:
+    raw = text.encode("utf-8") + b"\0"
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def encode_message(address: str, args: Sequence[OscArg]) -> bytes:
+    """One OSC message: bool as T/F, int as i, float as f, str as s."""
+    tags = ","
+    payload = b""
+    for arg in args:
+        if isinstance(arg, bool):
+            tags += "T" if arg else "F"
+        elif isinstance(arg, int):
+            tags += "i"
+            payload += _INT.pack(arg)
+        elif isinstance(arg, float):
+            tags += "f"
+            payload += _FLOAT.pack(arg)
+        elif isinstance(arg, str):
+            tags += "s"
+            payload += _osc_string(arg)
+        else:
+            raise TypeError(f"OSC argument {arg!r} is not a bool, int, float or str.")
+    return _osc_string(address) + _osc_string(tags) + payload
+
+
+def encode_bundle(messages: Sequence[Message]) -> bytes:
+    """An OSC bundle to apply at once; the bridge stores its changes as one."""
+    content = b""
+    for address, args in messages:
+        message = encode_message(address, args)
+        content += _INT.pack(len(message)) + message
+    return _BUNDLE_IMMEDIATELY + content
+
+
+def decode_message(data: bytes) -> Message | None:
+    """Read one OSC message (types i f d h s T F N); None for bundles and anything unreadable."""
+    try:
+        address, offset = _read_string(data, 0)
+        tags, offset = _read_string(data, offset)
+        if not address.startswith("/") or not tags.startswith(","):
+            return None
+        args: list[OscArg] = []
+        for tag in tags[1:]:
+            if tag in "if":
+                (value,) = (_INT if tag == "i" else _FLOAT).unpack_from(data, offset)
+                offset += 4
+            elif tag in "dh":
+                (value,) = struct.unpack_from(">d" if tag == "d" else ">q", data, offset)
+                offset += 8
+            elif tag == "s":
+                value, offset = _read_string(data, offset)
+            elif tag in "TFN":
+                value = {"T": True, "F": False, "N": None}[tag]
+            else:
+                return None
+            args.append(value)
+    except (struct.error, UnicodeDecodeError, ValueError):
+        return None
+    return address, args
+
+
+def _read_string(data: bytes, offset: int) -> tuple[str, int]:
+    end = data.index(b"\0", offset)
+    text = data[offset:end].decode("utf-8")
+    return text, end + 1 + (-(end + 1 - offset) % 4)
+
+
+class OscLink:
+    """One UDP socket: sends to the bridge and receives its replies and status on the same port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 7000) -> None:
+        self.target = (host, port)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.setblocking(False)
+
+    @property
+    def local_port(self) -> int:
+        """The port replies and status arrive on."""
+        return self._sock.getsockname()[1]
+
+    def send(self, messages: Sequence[Message]) -> None:
+        """Send one message as it is, several as one bundle; nobody listening is no error."""
+        if not messages:
+            return
+        datagram = encode_message(*messages[0]) if len(messages) == 1 else encode_bundle(messages)
+        try:
+            self._sock.sendto(datagram, self.target)
+        except OSError:
+            pass  # no bridge yet; the values go over again once it reports status
+
+    def receive(self) -> list[Message]:
+        """Every readable message that arrived since the last call."""
+        received = []
+        while True:
+            try:
+                data = self._sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return received
+            except OSError:
+                continue  # a "port unreachable" left by an earlier send to no bridge
+            message = decode_message(data)
+            if message is not None:
+                received.append(message)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+
+@dataclass(frozen=True)
+class LiveSetting:
+    """A script property that changes the running bridge: its settings key and OSC address."""
+
+    key: str
+    label: str
+    address: str
+    kind: str  # "text", "float" or "int"
+    default: str | float | int
+    minimum: float = 0.0
+    maximum: float = 0.0
+    step: float = 1.0
+
+
+LIVE_SETTINGS: tuple[LiveSetting, ...] = (
+    LiveSetting("prompt", "Prompt", "/sd/prompt", "text", "a psychedelic painting, vivid colours"),
+    LiveSetting("negative_prompt", "Negative prompt", "/sd/negative_prompt", "text", ""),
+    LiveSetting("prompt_fade", "Prompt fade (s)", "/sd/prompt/fade", "float", 0.0, 0.0, 60.0, 0.1),
+    LiveSetting("delta", "Delta", "/sd/delta", "float", 1.0, 0.0, 5.0, 0.01),
+    LiveSetting("guidance", "Guidance", "/sd/guidance", "float", 1.2, 0.0, 20.0, 0.05),
+    LiveSetting("seed", "Seed", "/sd/seed", "int", 2, 0, 2**31 - 1, 1),
+    LiveSetting("seed_fade", "Seed fade (s)", "/sd/seed/fade", "float", 0.0, 0.0, 60.0, 0.1),
+)
+
+
+@dataclass
+class BridgeStatus:
+    """What the bridge last reported."""
+
+    fps: float = 0.0
+    latency_ms: float = 0.0
+    drops: int = 0
+    skips: int = 0
+    last_error: str = ""
+    reports: int = 0
+
+
+class Controller:
+    """Keeps the bridge in step with the script's properties and collects what it reports.
+
+    Numbers go out as soon as they change; text waits until it has rested TEXT_SETTLE seconds,
+    so typing a prompt sends it once. `tick` (from an OBS timer) sends what rested, reads the
+    bridge's messages and renews the status subscription.
+    """
+
+    def __init__(self, link: OscLink, clock: Callable[[], float] = time.monotonic) -> None:
+        self.link = link
+        self.status = BridgeStatus()
+        self._clock = clock
+        self._values: dict[str, OscArg] = {}
+        self._sent: dict[str, OscArg] = {}
+        self._typed_at: dict[str, float] = {}
+        self._subscribed_at = -RESUBSCRIBE_EVERY
+        self._resend_on_report = False
+
+    def update(self, values: Mapping[str, object]) -> None:
+        """Take the current property values; send the numbers that changed."""
+        now = self._clock()
+        numbers: list[Message] = []
+        for setting in LIVE_SETTINGS:
+            if setting.key not in values:
+                continue
+            value = _typed(setting, values[setting.key])
+            if value == self._values.get(setting.key):
+                continue
+            self._values[setting.key] = value
+            if setting.kind == "text":
+                self._typed_at[setting.key] = now
+            elif value != self._sent.get(setting.key):
+                numbers.append((setting.address, [value]))
+                self._sent[setting.key] = value
+        self.link.send(numbers)
+
+    def send_all(self) -> None:
+        """Send every value in one bundle, as when a bridge has just started."""
+        messages = []
+        for setting in LIVE_SETTINGS:
+            if setting.key in self._values:
+                messages.append((setting.address, [self._values[setting.key]]))
+                self._sent[setting.key] = self._values[setting.key]
+                self._typed_at.pop(setting.key, None)
+        self.link.send(messages)
+
+    def resend_on_next_report(self) -> None:
+        """Send everything once the bridge reports status (it listens from then on)."""
+        self._resend_on_report = True
+
+    def tick(self) -> None:
+        """Send rested text, read replies and status, and renew the subscription when due."""
+        now = self._clock()
+        rested = [key for key, at in self._typed_at.items() if now - at >= TEXT_SETTLE]
+        messages = []
+        for setting in LIVE_SETTINGS:
+            if setting.key in rested:
+                del self._typed_at[setting.key]
+                if self._values[setting.key] != self._sent.get(setting.key):
+                    messages.append((setting.address, [self._values[setting.key]]))
+                    self._sent[setting.key] = self._values[setting.key]
+        self.link.send(messages)
+        if now - self._subscribed_at >= RESUBSCRIBE_EVERY:
+            self.link.send([("/sd/subscribe", [self.link.local_port])])
+            self._subscribed_at = now
+        for address, args in self.link.receive():
+            self._take(address, args)
+
+    def _take(self, address: str, args: list[OscArg]) -> None:
+        fields = {
+            "/sd/status/fps": "fps",
+            "/sd/status/latency_ms": "latency_ms",
+            "/sd/status/drops": "drops",
+            "/sd/status/skips": "skips",
+        }
+        if address in fields and len(args) == 1 and isinstance(args[0], (int, float)):
+            kind = int if fields[address] in ("drops", "skips") else float
+            setattr(self.status, fields[address], kind(args[0]))
+            self.status.reports += 1
+            if self._resend_on_report:
+                self._resend_on_report = False
+                self.send_all()
+        elif address == "/sd/error" and len(args) == 2:
+            self.status.last_error = str(args[1])
+
+
+def _typed(setting: LiveSetting, value: object) -> OscArg:
+    if setting.kind == "text":
+        return str(value)
+    if setting.kind == "int":
+        return int(value)
+    return float(value)
+
+
+INPUTS: dict[str, str] = {
+    "obs_vcam": "OBS Virtual Camera (OBS's program)",
+    "camera": "Camera",
+    "spout": "Spout sender",
+    "pattern": "Test pattern",
+}
+OUTPUTS: dict[str, str] = {"vcam": "Virtual camera", "spout": "Spout sender"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start the bridge: the choices of the script's Bridge properties."""
+
+    python: str
+    model: str
+    input_kind: str
+    camera: str
+    input_sender: str
+    output_kind: str
+    output_device: str
+    output_sender: str
+    width: int
+    height: int
+    osc_port: int
+    values: Mapping[str, object] = field(default_factory=dict)
+
+
+def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
+    """The `sd-bridge run` command line for `launch`, or ValueError saying what to change."""
+    values = {s.key: _typed(s, launch.values.get(s.key, s.default)) for s in LIVE_SETTINGS}
+    return [
+        launch.python,
+        "-m",
+        "bridge.cli",
+        "run",
+        f"--input={_input_uri(launch, platform)}",
+        f"--output={_output_uri(launch, platform)}",
+        f"--model={launch.model}",
+        f"--width={launch.width}",
+        f"--height={launch.height}",
+        "--osc-host=127.0.0.1",
+        f"--osc-port={launch.osc_port}",
+        f"--prompt={values['prompt']}",
+        f"--negative-prompt={values['negative_prompt']}",
+        f"--guidance={values['guidance']}",
+        f"--delta={values['delta']}",
+        f"--seed={values['seed']}",
+    ]
+
+
+def _input_uri(launch: Launch, platform: str) -> str:
+    if launch.input_kind == "pattern":
+        return "pattern:bars"
+    if launch.input_kind == "spout":
+        _require_windows(platform, "input")
+        return f"spout:{launch.input_sender}"
+    if launch.input_kind not in ("camera", "obs_vcam"):
+        raise ValueError(
+            f"Input {launch.input_kind!r} is unknown; pick one of {', '.join(INPUTS)}."
+        )
+    if not launch.camera.strip():
+        raise ValueError(
+            "Camera is empty; type the camera's index (0, 1, ...) or, on Linux, its device "
+            "like /dev/video10."
+        )
+    return f"cam:{launch.camera.strip()}"
+
+
+def _output_uri(launch: Launch, platform: str) -> str:
+    if launch.output_kind == "spout":
+        _require_windows(platform, "output")
+        return f"spout:{launch.output_sender}"
+    if launch.output_kind != "vcam":
+        raise ValueError(
+            f"Output {launch.output_kind!r} is unknown; pick one of {', '.join(OUTPUTS)}."
+        )
+    device = launch.output_device.strip()
+    if launch.input_kind == "obs_vcam":
+        if not platform.startswith("linux"):
+            raise ValueError(
+                "OBS Virtual Camera serves one program at a time and OBS is feeding it the "
+                "bridge's input; send the result out through Spout, or read a real camera."
+            )
+        if not device or device == launch.camera.strip():
+            raise ValueError(
+                "The bridge needs a v4l2loopback device of its own for its output; set Output "
+                "device to one OBS's virtual camera does not use, like /dev/video11."
+            )
+    return f"vcam:{device}" if device else "vcam"
+
+
+def _require_windows(platform: str, role: str) -> None:
+    if platform != "win32":
+        raise ValueError(
+            f"Spout exists on Windows only; pick another {role} on this system "
+            "(a camera or the test pattern in, the virtual camera out)."
+        )
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """Whether the child runs, and a short sentence for the status line."""
+
+    running: bool
+    text: str
+
+
+class BridgeProcess:
+    """One `sd-bridge run` child; stopping never blocks OBS.
+
+    `stop` asks the child to finish (Ctrl+C on macOS and Linux; Windows has no console to
+    deliver it to, so the child is terminated there) and `poll`, called from the script's
+    timer, kills it if it is still there `grace` seconds later. Output goes to `log_path`.
+    """
+
+    def __init__(self, log_path: Path, *, grace: float = STOP_GRACE) -> None:
+        self.log_path = Path(log_path)
+        self.grace = grace
+        self._child: subprocess.Popen[bytes] | None = None
+        self._kill_at: float | None = None
+        self._state = ProcessState(False, "stopped")
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._child.pid if self._child is not None else None
+
+    def start(self, command: Sequence[str]) -> None:
+        """Start the child, or raise RuntimeError if one runs or the Python cannot be found."""
+        if self.poll().running:
+            raise RuntimeError("The bridge is already running; stop it before starting it again.")
+        if shutil.which(command[0]) is None:
+            raise RuntimeError(
+                f"Python executable {command[0]!r} was not found; set it to the python of the "
+                "environment where streamdiffusion-bridge is installed."
+            )
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        options: dict[str, object] = (
+            {"creationflags": subprocess.CREATE_NO_WINDOW}
+            if sys.platform == "win32"
+            else {"start_new_session": True}
+        )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._child = subprocess.Popen(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                **options,
+            )
+        self._kill_at = None
+        self._state = ProcessState(True, f"running (pid {self._child.pid})")
+
+    def stop(self) -> None:
+        """Ask the child to finish; `poll` kills it if it has not within `grace` seconds."""
+        if self._child is None or self._child.poll() is not None or self._kill_at is not None:
+            return
+        if sys.platform == "win32":
+            self._child.terminate()
+        else:
+            self._child.send_signal(signal.SIGINT)
+        self._kill_at = time.monotonic() + self.grace
+        self._state = ProcessState(True, f"stopping (pid {self._child.pid})")
+
+    def stop_and_wait(self) -> None:
+        """Stop the child and wait until it is gone (when OBS unloads the script)."""
+        self.stop()
+        if self._child is None:
+            return
+        try:
+            self._child.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.wait()
+        self.poll()
+
+    def poll(self) -> ProcessState:
+        """Check on the child: kill it when its grace ran out, and tell how it ended."""
+        child = self._child
+        if child is None:
+            return self._state
+        code = child.poll()
+        if code is None:
+            if self._kill_at is None or time.monotonic() < self._kill_at:
+                return self._state
+            child.kill()
+            code = child.wait()
+        stopped_on_request = self._kill_at is not None
+        self._child = None
+        self._kill_at = None
+        if stopped_on_request or code == 0:
+            self._state = ProcessState(False, "stopped")
+        else:
+            self._state = ProcessState(False, f"exited with code {code}: {self._exit_reason()}")
+        return self._state
+
+    def _exit_reason(self) -> str:
+        """The bridge's last words: its error sentence, unwrapped, or else its last line."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        lines = [line.strip() for line in text.splitlines()[-200:] if line.strip()]
+        for start in range(len(lines) - 1, -1, -1):
+            if lines[start].startswith(ERROR_PREFIX):
+                # A console narrower than the sentence wraps it over several lines.
+                return " ".join(lines[start:]).removeprefix(ERROR_PREFIX).strip()
+        return lines[-1] if lines else f"no output; see {self.log_path}"
+
+
+def status_line(state: ProcessState, status: BridgeStatus) -> str:
+    """One line for the script's Status field."""
+    parts = [f"Bridge {state.text}"]
+    if state.running and status.reports:
+        parts.append(f"{status.fps:.1f} fps, {status.latency_ms:.0f} ms")
+    if status.last_error:
+        parts.append(f"last error: {status.last_error}")
+    return "; ".join(parts)

@@ -1,0 +1,244 @@
+"""StreamDiffusion bridge for OBS Studio: start `sd-bridge run` and steer it from Tools > Scripts.
+
+Add this file in OBS's Scripts window (plugins/obs/README.md has the steps); keep
+`sd_bridge_core.py` in the same folder. The prompt, delta, guidance, seed and fades go to the
+bridge over OSC as they change; Start and Stop launch the bridge with the chosen input and
+output, and can also be bound to hotkeys in OBS's settings.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import obspython as obs
+import sd_bridge_core as core
+
+TICK_MS = 100
+HOTKEYS = (
+    ("sd_bridge.start", "Start the StreamDiffusion bridge"),
+    ("sd_bridge.stop", "Stop the StreamDiffusion bridge"),
+)
+
+_settings = None
+_controller: core.Controller | None = None
+_process = core.BridgeProcess(Path(tempfile.gettempdir()) / "sd-bridge-obs.log")
+_hotkeys: dict[str, int] = {}
+_last_status = ""
+
+
+def script_description() -> str:
+    """The text OBS shows above the properties."""
+    return (
+        "<b>StreamDiffusion bridge</b><br>"
+        "Runs <code>sd-bridge run</code> on a camera, OBS's own Virtual Camera or Spout, and "
+        "steers it live over OSC. Bring the result back with a Spout2 Capture source (Windows) "
+        "or a Video Capture Device source on the bridge's virtual camera."
+    )
+
+
+def script_defaults(settings) -> None:
+    """Default values of every property."""
+    for setting in core.LIVE_SETTINGS:
+        if setting.kind == "text":
+            obs.obs_data_set_default_string(settings, setting.key, setting.default)
+        elif setting.kind == "int":
+            obs.obs_data_set_default_int(settings, setting.key, setting.default)
+        else:
+            obs.obs_data_set_default_double(settings, setting.key, setting.default)
+    python = "python" if sys.platform == "win32" else "python3"
+    obs.obs_data_set_default_string(settings, "python", python)
+    obs.obs_data_set_default_string(settings, "model", "stabilityai/sd-turbo")
+    obs.obs_data_set_default_string(settings, "input_kind", "obs_vcam")
+    obs.obs_data_set_default_string(settings, "camera", "0")
+    obs.obs_data_set_default_string(settings, "input_sender", "OBS")
+    default_output = "spout" if sys.platform == "win32" else "vcam"
+    obs.obs_data_set_default_string(settings, "output_kind", default_output)
+    obs.obs_data_set_default_string(settings, "output_sender", "sd-bridge")
+    obs.obs_data_set_default_int(settings, "width", 512)
+    obs.obs_data_set_default_int(settings, "height", 512)
+    obs.obs_data_set_default_int(settings, "osc_port", 7000)
+
+
+def script_properties():
+    """The property widgets: live settings, the Bridge group, the status line."""
+    props = obs.obs_properties_create()
+    for setting in core.LIVE_SETTINGS:
+        if setting.kind == "text":
+            text_type = obs.OBS_TEXT_MULTILINE if setting.key == "prompt" else obs.OBS_TEXT_DEFAULT
+            obs.obs_properties_add_text(props, setting.key, setting.label, text_type)
+        elif setting.kind == "int":
+            obs.obs_properties_add_int(
+                props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
+            )
+        else:
+            obs.obs_properties_add_float_slider(
+                props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
+            )
+
+    launch = obs.obs_properties_create()
+    obs.obs_properties_add_path(launch, "python", "Python executable", obs.OBS_PATH_FILE, "", None)
+    obs.obs_properties_add_text(launch, "model", "Model", obs.OBS_TEXT_DEFAULT)
+    _add_list(launch, "input_kind", "Input", core.INPUTS)
+    obs.obs_properties_add_text(launch, "camera", "Camera index or device", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(launch, "input_sender", "Input Spout sender", obs.OBS_TEXT_DEFAULT)
+    _add_list(launch, "output_kind", "Output", core.OUTPUTS)
+    obs.obs_properties_add_text(launch, "output_device", "Output device", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(
+        launch, "output_sender", "Output Spout sender", obs.OBS_TEXT_DEFAULT
+    )
+    obs.obs_properties_add_int(launch, "width", "Width", 64, 2048, 8)
+    obs.obs_properties_add_int(launch, "height", "Height", 64, 2048, 8)
+    obs.obs_properties_add_int(launch, "osc_port", "Bridge OSC port", 1, 65535, 1)
+    obs.obs_properties_add_button(launch, "start", "Start bridge", _start_clicked)
+    obs.obs_properties_add_button(launch, "stop", "Stop bridge", _stop_clicked)
+    obs.obs_properties_add_group(props, "bridge", "Bridge", obs.OBS_GROUP_NORMAL, launch)
+
+    obs.obs_properties_add_text(props, "status", "Status", obs.OBS_TEXT_INFO)
+    obs.obs_properties_add_button(props, "refresh", "Refresh status", _refresh_clicked)
+    return props
+
+
+def script_load(settings) -> None:
+    """Open the OSC link, register the hotkeys and start the timer."""
+    global _settings, _controller
+    _settings = settings
+    port = obs.obs_data_get_int(settings, "osc_port")
+    _controller = core.Controller(core.OscLink("127.0.0.1", port))
+    for name, description in HOTKEYS:
+        action = _start if name.endswith("start") else _stop
+        hotkey = obs.obs_hotkey_register_frontend(name, description, _on_press(action))
+        saved = obs.obs_data_get_array(settings, name)
+        obs.obs_hotkey_load(hotkey, saved)
+        obs.obs_data_array_release(saved)
+        _hotkeys[name] = hotkey
+    obs.timer_add(_tick, TICK_MS)
+
+
+def script_update(settings) -> None:
+    """A property changed: send what changed to the bridge."""
+    global _settings
+    _settings = settings
+    if _controller is None:
+        return
+    port = obs.obs_data_get_int(settings, "osc_port")
+    if _controller.link.target[1] != port:
+        _controller.link.target = ("127.0.0.1", port)
+    _controller.update(_live_values(settings))
+
+
+def script_save(settings) -> None:
+    """Keep the hotkey bindings with the script's settings."""
+    for name, hotkey in _hotkeys.items():
+        saved = obs.obs_hotkey_save(hotkey)
+        obs.obs_data_set_array(settings, name, saved)
+        obs.obs_data_array_release(saved)
+
+
+def script_unload() -> None:
+    """OBS unloads the script or quits: stop the bridge and close the link."""
+    obs.timer_remove(_tick)
+    _process.stop_and_wait()
+    if _controller is not None:
+        _controller.link.close()
+
+
+def _start() -> None:
+    if _settings is None or _controller is None:
+        return
+    launch = core.Launch(
+        python=obs.obs_data_get_string(_settings, "python"),
+        model=obs.obs_data_get_string(_settings, "model"),
+        input_kind=obs.obs_data_get_string(_settings, "input_kind"),
+        camera=obs.obs_data_get_string(_settings, "camera"),
+        input_sender=obs.obs_data_get_string(_settings, "input_sender"),
+        output_kind=obs.obs_data_get_string(_settings, "output_kind"),
+        output_device=obs.obs_data_get_string(_settings, "output_device"),
+        output_sender=obs.obs_data_get_string(_settings, "output_sender"),
+        width=obs.obs_data_get_int(_settings, "width"),
+        height=obs.obs_data_get_int(_settings, "height"),
+        osc_port=obs.obs_data_get_int(_settings, "osc_port"),
+        values=_live_values(_settings),
+    )
+    try:
+        command = core.bridge_command(launch)
+        if launch.input_kind == "obs_vcam" and not obs.obs_frontend_virtualcam_active():
+            obs.obs_frontend_start_virtualcam()
+        _process.start(command)
+    except (ValueError, RuntimeError) as error:
+        _controller.status.last_error = str(error)
+    else:
+        _controller.status.last_error = ""
+        _controller.resend_on_next_report()
+    _show_status()
+
+
+def _stop() -> None:
+    _process.stop()
+    _show_status()
+
+
+def _on_press(action):
+    def pressed(is_pressed: bool) -> None:
+        if is_pressed:
+            action()
+
+    return pressed
+
+
+def _start_clicked(props, prop) -> bool:
+    _start()
+    return True
+
+
+def _stop_clicked(props, prop) -> bool:
+    _stop()
+    return True
+
+
+def _refresh_clicked(props, prop) -> bool:
+    _show_status()
+    return True
+
+
+def _tick() -> None:
+    if _controller is not None:
+        _controller.tick()
+    _show_status()
+
+
+def _show_status() -> None:
+    """Put the status line in the Status field and, when it changes, in OBS's script log."""
+    global _last_status
+    if _controller is None:
+        return
+    state = _process.poll()
+    if _settings is not None:
+        obs.obs_data_set_string(_settings, "status", core.status_line(state, _controller.status))
+    # The fps figure changes every second; the log gets the state and errors only.
+    errors_only = core.BridgeStatus(last_error=_controller.status.last_error)
+    logged = core.status_line(state, errors_only)
+    if logged != _last_status:
+        _last_status = logged
+        print(logged)
+
+
+def _add_list(props, key: str, label: str, choices: dict[str, str]) -> None:
+    prop = obs.obs_properties_add_list(
+        props, key, label, obs.OBS_COMBO_TYPE_LIST, obs.OBS_COMBO_FORMAT_STRING
+    )
+    for value, name in choices.items():
+        obs.obs_property_list_add_string(prop, name, value)
+
+
+def _live_values(settings) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for setting in core.LIVE_SETTINGS:
+        if setting.kind == "text":
+            values[setting.key] = obs.obs_data_get_string(settings, setting.key)
+        elif setting.kind == "int":
+            values[setting.key] = obs.obs_data_get_int(settings, setting.key)
+        else:
+            values[setting.key] = obs.obs_data_get_double(settings, setting.key)
+    return values
