@@ -186,3 +186,35 @@ def test_a_running_seed_fade_ends_on_the_new_seed(tiny):
     engine._advance_fades()
     assert engine.stream.config.seed == 77
     torch.testing.assert_close(engine.stream.current_noise(), engine.stream.noise_for_seed(77))
+
+
+LIVE_CHANGES = [
+    ("/sd/guidance", 2.5, "guidance_scale", 2.5),
+    ("/sd/delta", 0.3, "delta", 0.3),
+    ("/sd/cfg", "full", "cfg_type", "full"),
+    ("/sd/t_index", [20, 40], "t_index_list", (20, 40)),
+    ("/sd/seed", 1234, "seed", 1234),
+    ("/sd/do_add_noise", 0, "do_add_noise", False),
+]
+
+
+@pytest.mark.parametrize(("address", "value", "field", "expected"), LIVE_CHANGES)
+def test_each_osc_knob_reaches_the_pipeline_and_changes_the_frames(
+    tiny, address, value, field, expected
+):
+    store = ParamStore({"prompt": "a glacier"})
+    sink = RecordingSink()
+    engine = make_engine(tiny, store, sink)
+    with OscServer(store, port=0) as server, OscClient(*server.address) as client:
+        stop, thread = run_in_thread(engine)
+        try:
+            wait_for(lambda: len(sink.frames) >= 4)
+            before = sink.frames[-1].pixels.copy()
+            client.send(address, *(value if isinstance(value, list) else [value]))
+            sent = value if isinstance(value, list) else [value]
+            assert client.get(address) == pytest.approx(sent)  # OSC floats are 32-bit
+            wait_for(lambda: getattr(engine.stream.config, field) == pytest.approx(expected))
+            wait_for(lambda: not np.array_equal(sink.frames[-1].pixels, before))
+        finally:
+            stop.set()
+            thread.join(5)
