@@ -19,7 +19,8 @@ Value = str | float | int | bool | tuple[int, ...]
 
 MAX_PROMPT_CHARS = 1000
 MAX_FADE_SECONDS = 60.0
-MAX_INFERENCE_STEPS = 1000
+# An LCM schedule is drawn from the 50 steps the model was distilled with, so it has at most 50.
+MAX_INFERENCE_STEPS = 50
 MAX_T_INDICES = 8
 
 

@@ -122,9 +122,13 @@ class Engine:
         try:
             while not stop.is_set() and (max_frames is None or produced < max_frames):
                 snapshot = self.store.snapshot()
-                if snapshot.version != self._applied:
-                    self.apply(snapshot)
-                self._advance_fades()
+                try:
+                    if snapshot.version != self._applied:
+                        self.apply(snapshot)
+                    self._advance_fades()
+                except ValueError as error:  # a change the store allowed but the stream refused
+                    self._prompt_fade = self._noise_fade = None
+                    self._report_error("/sd", str(error))
                 if self._step():
                     produced += 1
                 if now() >= next_status:
@@ -156,6 +160,12 @@ class Engine:
                 self.stream.update(**settings)
             except (ValueError, RuntimeError) as error:
                 self._fall_back(error)
+            if self._noise_fade is not None and self._noise_fade.end.shape != (
+                self.stream.current_noise().shape
+            ):
+                # The slots changed under a seed fade: land on its seed at once.
+                self._noise_fade = None
+                self.stream.update(seed=self._pending_seed)
         if "seed" in changed:
             self._change_seed(int(snapshot["seed"]), 0.0 if first else float(snapshot["seed_fade"]))
         if changed & {"prompt", "negative_prompt"}:

@@ -79,7 +79,7 @@ def validate(config: StreamConfig) -> None:
                 f"{name} must be a multiple of 8 (the VAE works on 8x8 blocks), got {value}; "
                 f"try {value - value % 8} or {value - value % 8 + 8}."
             )
-    _check_int("num_inference_steps", config.num_inference_steps, 1, 1000)
+    _check_int("num_inference_steps", config.num_inference_steps, 1, 50)
     _check_int("frame_buffer_size", config.frame_buffer_size, 1, 64)
     steps = config.t_index_list
     if not 1 <= len(steps) <= 50:
@@ -103,5 +103,8 @@ def validate(config: StreamConfig) -> None:
     _check_float("guidance_scale", config.guidance_scale, 0.0, 50.0)
     _check_float("delta", config.delta, 0.0, 10.0)
     _check_int("seed", config.seed, 0, 2**63 - 1)
-    _check_float("similarity_threshold", config.similarity_threshold, 0.0, 0.9999)
+    threshold = config.similarity_threshold
+    _check_float("similarity_threshold", threshold, 0.0, 1.0)
+    if threshold >= 1.0:
+        raise ValueError(f"similarity_threshold must be below 1.0, got {threshold}.")
     _check_int("max_skip_frames", config.max_skip_frames, 0, 10_000)

@@ -51,6 +51,12 @@ def build_schedule(
     dtype: torch.dtype,
 ) -> StepSchedule:
     """Set the scheduler to `num_inference_steps` and gather the constants of the chosen steps."""
+    distilled = scheduler.config.original_inference_steps
+    if num_inference_steps > distilled:
+        raise ValueError(
+            f"num_inference_steps {num_inference_steps} is more than the {distilled} steps the "
+            f"LCM schedule is drawn from; use at most {distilled}."
+        )
     scheduler.set_timesteps(num_inference_steps)
     available = len(scheduler.timesteps)
     for index in t_index_list:

@@ -26,7 +26,8 @@ def changed_value(param: Param) -> Value:
     if param.kind is Kind.FLOAT:
         return 0.5 if param.maximum_exclusive else float(param.maximum or 0)
     if param.kind is Kind.INT:
-        return int(param.maximum or 0)
+        top = int(param.maximum or 0)
+        return top if top != param.default else top - 1
     if param.kind is Kind.BOOL:
         return not param.default
     if param.kind is Kind.STRING:
@@ -136,7 +137,7 @@ def test_queries_in_a_bundle_see_its_changes(client: OscClient) -> None:
         ("/sd/cfg", ["half"], "/sd/cfg", "none, full, self, initialize"),
         ("/sd/prompt", ["p" * 1001], "/sd/prompt", "1001-character string"),
         ("/sd/t_index", [45, 32], "/sd/t_index", "strictly increasing"),
-        ("/sd/t_index", [10, 60], "/sd/t_index", "from 0 to 49"),
+        ("/sd/t_index", [10, 60], "/sd/t_index", "each from 0 to num_inference_steps - 1"),
         ("/sd/num_inference_steps", [40], "/sd/num_inference_steps", "needs at least 46"),
         ("/sd/strength", [0.5], "/sd/strength", "unknown OSC address /sd/strength"),
         ("/sd/get", ["/sd/strength"], "/sd/get", "send one parameter address or name"),

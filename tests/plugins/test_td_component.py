@@ -170,7 +170,7 @@ def test_a_value_the_bridge_refuses_shows_its_error_sentence(
 ) -> None:
     wired.par.Tindex = "60, 70"  # well formed, but past num_inference_steps (50)
     assert td.run_frames_until(lambda: wired.par.Lasterror.eval() != "")
-    assert wired.par.Lasterror.eval().startswith("/sd/t_index got [60, 70]; send entries from 0")
+    assert wired.par.Lasterror.eval().startswith("/sd/t_index got [60, 70]; send 1 to 8")
     assert store.get("t_index_list") == (32, 45)
 
 
