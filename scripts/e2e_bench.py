@@ -81,10 +81,29 @@ def main() -> int:
     writer = ShmWriter(name_in, size, size, "rgba")
     frames = np.random.default_rng(0).integers(0, 256, (8, size, size, 4), dtype=np.uint8)
     command = [
-        sys.executable, "-m", "bridge.cli", "run", "--model", args.model,
-        "--width", str(size), "--height", str(size), "--t-index", args.t_index,
-        "--cfg", args.cfg, "--accel", args.accel, "--input", f"shm:{name_in}",
-        "--output", f"shm:{name_out}", "--osc-port", str(args.osc_port), "--quiet",
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "run",
+        "--model",
+        args.model,
+        "--width",
+        str(size),
+        "--height",
+        str(size),
+        "--t-index",
+        args.t_index,
+        "--cfg",
+        args.cfg,
+        "--accel",
+        args.accel,
+        "--input",
+        f"shm:{name_in}",
+        "--output",
+        f"shm:{name_out}",
+        "--osc-port",
+        str(args.osc_port),
+        "--quiet",
     ]
     started = time.perf_counter()
     bridge = subprocess.Popen(command)
@@ -106,6 +125,7 @@ def main() -> int:
         measure(reader, writer, frames, 3.0, lambda n: None)  # settle
         results["steady"] = summary(*measure(reader, writer, frames, args.seconds, lambda n: None))
         with OscClient("127.0.0.1", args.osc_port) as client:
+
             def change_prompt(count: int) -> None:
                 client.send("/sd/prompt", f"a painting of a city, variation {count}")
 
