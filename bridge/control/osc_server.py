@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -103,6 +104,31 @@ def parse_allow(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+class _ThrottledLog:
+    """At most `per_second` warnings a second; a flood of bad datagrams is summarised instead.
+
+    Only the server thread logs through it, so it needs no lock.
+    """
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._window = 0.0
+        self._shown = 0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        at = time.monotonic()
+        if at - self._window >= 1.0:
+            if self._suppressed:
+                log.warning("%d more OSC warnings in the last second not shown", self._suppressed)
+            self._window, self._shown, self._suppressed = at, 0, 0
+        if self._shown < self.per_second:
+            self._shown += 1
+            log.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
 class OscServer:
     """Serves the parameter store over OSC on one UDP port, from its own thread.
 
@@ -152,6 +178,7 @@ class OscServer:
             "/sd/quit": self._quit,
         }
         self._on_quit = on_quit
+        self._warnings = _ThrottledLog()
 
     @property
     def address(self) -> Target:
@@ -270,7 +297,7 @@ class OscServer:
         self._count(received=1)
         if not self._is_allowed(sender[0]):
             self._count(refused_sender=1)
-            log.warning("OSC datagram from %s dropped: not in the allow list", sender[0])
+            self._warnings.warning("OSC datagram from %s dropped: not in the allow list", sender[0])
             return
         try:
             messages = [timed.message for timed in OscPacket(data).messages]
@@ -278,7 +305,7 @@ class OscServer:
             # python-osc's parser raises ParseError, UnicodeDecodeError, RecursionError and
             # others on hostile input; all of them mean the same: an unreadable datagram.
             self._count(malformed=1)
-            log.warning(
+            self._warnings.warning(
                 "OSC datagram of %d bytes from %s:%d dropped: %s",
                 len(data),
                 sender[0],
@@ -418,7 +445,7 @@ class OscServer:
 
     def _refuse(self, sender: Target, address: str, sentence: str) -> None:
         self._count(errors=1)
-        log.warning("OSC from %s:%d refused: %s", sender[0], sender[1], sentence)
+        self._warnings.warning("OSC from %s:%d refused: %s", sender[0], sender[1], sentence)
         self._send(sender, "/sd/error", address, sentence)
 
     def _send(self, target: Target, address: str, *args: object) -> None:

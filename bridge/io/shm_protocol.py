@@ -542,6 +542,11 @@ class ShmReader:
                 self._frames = _attach(frame_segment_name(self.name, header.generation))
             except FileNotFoundError:
                 return None  # the writer has moved on to a newer generation
+            except ValueError as error:  # an empty segment cannot be mapped
+                raise ShmProtocolError(
+                    f"Frame segment of {self.name!r} cannot be mapped ({error}); "
+                    "restart the writer."
+                ) from None
             self._frames_generation = header.generation
         if len(self._frames.buf) < header.frame_bytes_needed:
             raise ShmProtocolError(

@@ -297,3 +297,16 @@ def test_allow_entries_parse_as_addresses_networks_or_hosts() -> None:
     assert any(net.network_address.is_loopback for net in networks[2:])
     with pytest.raises(ValueError, match="192.168.1.0/24"):
         parse_allow(["not a host!"])
+
+
+def test_a_flood_of_bad_datagrams_is_logged_at_a_bounded_rate(server, client, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sd_bridge"):
+        for _ in range(300):
+            client.send_raw(b"\x00garbage")
+        client.send("/sd/delta", 9.0)
+        assert client.receive(2.0)[0] == "/sd/error"  # the server read past the flood
+    shown = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert 1 <= len(shown) <= 20
+    assert server.stats.malformed == 300
