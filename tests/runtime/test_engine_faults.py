@@ -229,3 +229,27 @@ def test_a_recording_sink_keeps_every_frame_even_when_it_falls_behind():
         stop.set()
         worker.join(5)
     assert [frame.index for frame in recorder.frames] == list(range(50))
+
+
+class BrokenSink(RecordingSink):
+    """A sink whose reader went away: every write fails."""
+
+    def _write(self, frame: Frame) -> None:
+        from bridge.io import TransportError
+
+        raise TransportError("the reader went away")
+
+
+def test_a_sink_that_fails_never_slows_the_others(tiny):
+    good, broken = RecordingSink(), BrokenSink()
+    engine = engine_with(tiny, SwitchableSource(period=0.04), [broken, good])
+    stop, thread = running(engine)
+    try:
+        wait_for(lambda: len(good.frames) >= 15, timeout=30)
+    finally:
+        stop.set()
+        thread.join(5)
+    # The good sink keeps the engine's rate (a frame or two may be lost to thread scheduling
+    # on a loaded CPU, never the steady loss a blocked sink would cause).
+    assert len(good.frames) >= 0.9 * engine.metrics.frames - 1
+    assert engine.metrics.sink_errors > 0

@@ -294,3 +294,26 @@ def test_sd_quit_over_osc_stops_the_bridge_cleanly(bridge_process, shm_name):
         process.wait(timeout=5)
     assert process.returncode == 0
     assert not Path(f"/dev/shm/{name}").exists()
+
+
+def test_after_a_sigkill_the_next_start_takes_over_the_left_segments(bridge_process, shm_name):
+    name = shm_name()
+    first = bridge_process(*TINY, "--output", f"shm:{name}", "--no-osc", "--quiet")
+    deadline = time.monotonic() + 60
+    while not Path(f"/dev/shm/{name}").exists():
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert Path(f"/dev/shm/{name}").exists()  # what the killed process left behind
+    second = bridge_process(*TINY, "--output", f"shm:{name}", "--no-osc", "--quiet")
+    reader = None
+    deadline = time.monotonic() + 60
+    while reader is None or reader.read() is None:
+        assert time.monotonic() < deadline and second.poll() is None, second.communicate()[1]
+        try:
+            reader = reader or ShmReader(name)
+        except Exception:
+            reader = None
+        time.sleep(0.05)
+    reader.close()
