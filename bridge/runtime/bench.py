@@ -23,7 +23,7 @@ import torch
 
 from bridge.accel import accelerate
 from bridge.models import load_components
-from bridge.stream import StreamConfig, StreamDiffusion
+from bridge.stream import PromptEncoder, StreamConfig, StreamDiffusion
 
 PROMPT = "a portrait of an astronaut, oil painting, dramatic light"
 
@@ -168,17 +168,10 @@ class _OriginalPipe:
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.scheduler = components.scheduler
-        self._tokenizer = components.tokenizer
+        self._prompts = PromptEncoder(components.tokenizer, components.text_encoder)
 
     def _embed(self, prompt: str) -> torch.Tensor:
-        ids = self._tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self._tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return self._prompts(prompt).to(self.dtype)
 
     def encode_prompt(
         self,
