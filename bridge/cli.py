@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from bridge.runtime.settings import RunSettings, load_config, merge
+from bridge.runtime.settings import (
+    ACCEL_CHOICES,
+    DTYPE_CHOICES,
+    RunSettings,
+    load_config,
+    merge,
+)
 
 EXIT_USAGE = 2
 
@@ -336,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--lcm-lora", dest="lcm_lora", help="LCM-LoRA file, fused at scale 1")
     model.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    model.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"))
+    model.add_argument("--dtype", choices=DTYPE_CHOICES)
     model.add_argument(
         "--accel",
-        choices=("auto", "none", "cudagraph", "compile"),
+        choices=ACCEL_CHOICES,
         help="auto: cudagraph on CUDA, none elsewhere",
     )
     stream = run.add_argument_group("stream")

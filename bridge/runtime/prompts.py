@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ class PromptWorker(threading.Thread):
         self._request: tuple[str, str, float] | None = None
         self._result: EncodedPrompt | None = None
         self._stopped = False
-        self.errors: list[str] = []
 
     def request(self, prompt: str, negative_prompt: str, fade_seconds: float) -> None:
         """Ask for a prompt pair to be encoded; replaces a request not yet started."""
@@ -129,8 +127,3 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     weight_b = torch.where(linear, torch.full_like(theta, t), torch.sin(t * theta) / sin)
     mixed = weight_a * flat_a + weight_b * flat_b
     return mixed.reshape(a.shape).to(a.dtype)
-
-
-def fade_ready(fade: Fade | None, at: float) -> bool:
-    """True when there is no fade or it has finished."""
-    return fade is None or math.isclose(fade.progress(at), 1.0)
