@@ -109,7 +109,7 @@ def run_bridge(settings: RunSettings) -> int:
     from bridge.models import load_components
     from bridge.runtime.engine import Engine, EngineHooks
     from bridge.runtime.signals import stop_on_signals
-    from bridge.stream import StreamConfig, StreamDiffusion
+    from bridge.stream import StreamDiffusion
 
     console = Console(stderr=True, quiet=settings.quiet)
     store = ParamStore(settings.store_values())
@@ -124,21 +124,7 @@ def run_bridge(settings: RunSettings) -> int:
         if settings.accel != "auto"
         else ("cudagraph" if device.type == "cuda" else "none")
     )
-    config = StreamConfig(
-        width=settings.width,
-        height=settings.height,
-        t_index_list=tuple(settings.t_index),
-        num_inference_steps=settings.num_inference_steps,
-        frame_buffer_size=settings.frame_buffer_size,
-        cfg_type=settings.cfg,
-        guidance_scale=settings.guidance,
-        delta=settings.delta,
-        seed=settings.seed,
-        mode=settings.mode,
-        similarity_filter=settings.filter,
-        similarity_threshold=settings.filter_threshold,
-        max_skip_frames=settings.filter_max_skip,
-    )
+    config = settings.stream_config()
     source = None
     sinks = []
     osc = None

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bridge.stream import StreamConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,6 +56,27 @@ class RunSettings:
     osc_feedback: list[str] = field(default_factory=list)
     osc: bool = True
     quiet: bool = False
+
+    def stream_config(self) -> StreamConfig:
+        """The pipeline settings these settings start with (ValueError if out of bounds)."""
+        # Imported here so that `sd-bridge --help` and `list` stay free of torch.
+        from bridge.stream import StreamConfig
+
+        return StreamConfig(
+            width=self.width,
+            height=self.height,
+            t_index_list=tuple(self.t_index),
+            num_inference_steps=self.num_inference_steps,
+            frame_buffer_size=self.frame_buffer_size,
+            cfg_type=self.cfg,
+            guidance_scale=self.guidance,
+            delta=self.delta,
+            seed=self.seed,
+            mode=self.mode,
+            similarity_filter=self.filter,
+            similarity_threshold=self.filter_threshold,
+            max_skip_frames=self.filter_max_skip,
+        )
 
     def store_values(self) -> dict[str, object]:
         """The live parameters these settings start the store with."""
