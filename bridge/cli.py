@@ -4,49 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-import threading
-from collections.abc import Sequence
-from dataclasses import fields
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from bridge.runtime.settings import (
-    ACCEL_CHOICES,
-    DTYPE_CHOICES,
-    RunSettings,
-    load_config,
-    merge,
-)
+from bridge.control.params import SETTINGS, SETTINGS_BY_KEY, Kind, Param, ParamError
+from bridge.runtime.settings import load_config, merge, setting_help
 
 EXIT_USAGE = 2
-
-
-def _dtype(name: str):
-    import torch
-
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name not in dtypes:
-        raise SystemExit(f"dtype {name!r} is unknown; use one of {', '.join(dtypes)}.")
-    return dtypes[name]
-
-
-def _device(name: str | None):
-    import torch
-
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+GROUP_ORDER = ("input and output", "model", "stream", "OSC", "run")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark our pipeline against the original StreamDiffusion."""
     from bridge.runtime import bench
+    from bridge.runtime.launch import pick_device, pick_dtype
 
-    device = _device(args.device)
+    device = pick_device(args.device or "auto")
     on_gpu = device.type == "cuda"
     cases = (
         args.cases.split(",")
@@ -62,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.original and not original:
         reason = "it needs CUDA" if not on_gpu else "the streamdiffusion package is not installed"
         print(f"note: the original StreamDiffusion is skipped: {reason}.")
-    dtype = _dtype(args.dtype or ("fp16" if on_gpu else "fp32"))
+    dtype = pick_dtype(args.dtype or "auto", device)
     print(f"device: {bench.device_name(device)}, dtype {args.dtype or dtype}")
     results = bench.run_bench(
         cases,
@@ -85,160 +62,82 @@ def _original_available() -> bool:
     return importlib.util.find_spec("streamdiffusion") is not None
 
 
-def _run_overrides(args: argparse.Namespace) -> dict:
-    names = [f.name for f in fields(RunSettings)]
-    return {name: getattr(args, name, None) for name in names}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the bridge: input, pipeline, outputs and the OSC server, until stopped."""
+    from bridge.runtime.launch import run_bridge
+
     config = load_config(Path(args.config)) if args.config else {}
-    settings = merge(config, _run_overrides(args))
-    return run_bridge(settings)
+    settings = merge(config, {p.name: getattr(args, p.name, None) for p in SETTINGS})
+    return run_bridge(settings, say=_say_in_cli_words)
 
 
-def run_bridge(settings: RunSettings) -> int:
-    """Run the bridge with `settings`; returns the process exit code."""
-    import torch
-    from rich.console import Console
+def in_cli_words(sentence: str) -> str:
+    """Turn the Python spelling of settings in a library message into flags: `accel="none"`
+    becomes `--accel none`, `frame_buffer_size=2` becomes `--frame-buffer-size 2`."""
 
-    from bridge.accel import accelerate
-    from bridge.control import OscServer, OscServerError, ParamStore
-    from bridge.control.osc_server import parse_target
-    from bridge.io import TransportError, open_sink, open_source
-    from bridge.models import load_components
-    from bridge.runtime.engine import Engine, EngineHooks
-    from bridge.runtime.signals import stop_on_signals
-    from bridge.stream import StreamDiffusion
+    def flag(match: re.Match[str]) -> str:
+        key, value = match.group(1), match.group(3)
+        if key not in SETTINGS_BY_KEY:
+            return match.group(0)
+        flag = key.replace("_", "-")
+        if SETTINGS_BY_KEY[key].kind is Kind.BOOL and value in ("True", "False"):
+            return f"--{flag}" if value == "True" else f"--no-{flag}"
+        return f"--{flag} {value}".rstrip()
 
-    console = Console(stderr=True, quiet=settings.quiet)
-    store = ParamStore(settings.store_values())
-    device = _device(None if settings.device == "auto" else settings.device)
-    dtype = _dtype(
-        ("fp16" if device.type == "cuda" else "fp32")
-        if settings.dtype == "auto"
-        else settings.dtype
-    )
-    accel = (
-        settings.accel
-        if settings.accel != "auto"
-        else ("cudagraph" if device.type == "cuda" else "none")
-    )
-    config = settings.stream_config()
-    source = None
-    sinks = []
-    osc = None
-    stop = threading.Event()
+    return re.sub(r"\b([a-z][a-z_]*)=([\"']?)([^\"'\s,;()]*)\2", flag, sentence)
+
+
+def _say_in_cli_words(line: str) -> None:
+    print(in_cli_words(line), file=sys.stderr, flush=True)
+
+
+def _setting_type(param: Param) -> Callable[[str], object]:
+    """An argparse type that checks one value against the schema, so typos fail at once."""
+
+    def convert(text: str) -> object:
+        value: object = text
+        if param.kind is Kind.INT:
+            value = _number(text, int)
+        elif param.kind is Kind.FLOAT:
+            value = _number(text, float)
+        elif param.kind is Kind.INT_LIST:
+            parts = [part.strip() for part in text.split(",") if part.strip()]
+            value = [_number(part, int) for part in parts]
+        try:
+            checked = param.validate(value)
+        except ParamError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; use {param.allowed()}") from None
+        return checked
+
+    convert.__name__ = param.kind.value
+    return convert
+
+
+def _number(text: str, kind: type) -> object:
     try:
-        if settings.mode == "img2img":
-            source = open_source(
-                settings.input, width=settings.width, height=settings.height, fps=settings.fps
-            )
-        sinks = [
-            open_sink(uri, width=settings.width, height=settings.height, fps=settings.fps)
-            for uri in settings.output
-        ]
-        if settings.osc:
-            osc = OscServer(
-                store,
-                settings.osc_host,
-                settings.osc_port,
-                allow=settings.osc_allow,
-                feedback=[parse_target(t) for t in settings.osc_feedback],
-                on_quit=stop.set,
-            )
-            osc.start()
-        with console.status(
-            f"loading {settings.model} on {device} ({str(dtype).removeprefix('torch.')})"
-        ):
-            components = load_components(
-                settings.model,
-                vae=None if settings.vae == "model" else settings.vae,
-                loras=[_lora(text) for text in settings.lora],
-                lcm_lora=settings.lcm_lora or None,
-                device=device,
-                dtype=dtype,
-            )
-        with console.status(f"preparing the stream ({accel})"):
-            with torch.inference_mode():
-                stream = accelerate(
-                    StreamDiffusion(
-                        components,
-                        config,
-                        prompt=settings.prompt,
-                        negative_prompt=settings.negative_prompt,
-                    ),
-                    accel,
-                )
-    except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
-        print(f"sd-bridge: {error}", file=sys.stderr)
-        _close_all(source, sinks, osc)
-        return EXIT_USAGE
-    hooks = EngineHooks(
-        status=lambda status: _show_status(console, status, osc),
-        error=osc.report_error if osc is not None else None,
-        input_state=osc.publish_input if osc is not None else None,
-    )
-    try:
-        engine = Engine(
-            stream,
-            store,
-            source,
-            sinks,
-            hooks=hooks,
-            on_input_loss=settings.on_input_loss,
-            hold_fps=settings.fps,
-        )
-    except ValueError as error:
-        print(f"sd-bridge: {error}", file=sys.stderr)
-        _close_all(source, sinks, osc)
-        return EXIT_USAGE
-    where = f"OSC on {settings.osc_host}:{osc.address[1]}" if osc else "OSC off"
-    console.print(
-        f"running: {settings.input if source else 'txt2img'} -> {', '.join(settings.output)}"
-        f" | {where} | Ctrl-C stops",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    with stop_on_signals(stop), torch.inference_mode():
-        produced = engine.run(stop, max_frames=settings.frames or None)
-    _close_all(None, [], osc)
-    console.print(f"stopped after {produced} frames.", markup=False, highlight=False)
-    return 0
-
-
-def _show_status(console, status, osc) -> None:
-    console.print(status.line(), markup=False, highlight=False, soft_wrap=True)
-    if osc is not None:
-        osc.publish_status(status.fps, status.latency_ms, status.drops, status.skips)
-
-
-def _close_all(source, sinks, osc) -> None:
-    for transport in [source, *sinks]:
-        if transport is not None:
-            transport.close()
-    if osc is not None:
-        osc.stop()
-
-
-def _lora(text: str) -> tuple[str, float]:
-    path, _, scale = text.rpartition(":")
-    if not path or not scale:
-        return text, 1.0
-    try:
-        return path, float(scale)
+        return kind(text)
     except ValueError:
-        return text, 1.0
+        return text
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 32,45"
-        ) from None
+def _add_setting(group: argparse._ArgumentGroup, param: Param) -> None:
+    described = setting_help(param)
+    options: dict[str, Any] = {"dest": param.name, "default": None, "help": described.text}
+    if param.kind is Kind.BOOL:
+        options["action"] = argparse.BooleanOptionalAction
+    elif param.kind is Kind.STRING_LIST:
+        options.update(action="append", metavar=param.name.upper())
+    elif param.kind is Kind.CHOICE:
+        options["choices"] = param.choices
+    else:
+        options.update(type=_setting_type(param), metavar=_metavar(param))
+    group.add_argument(*described.flags, **options)
+
+
+def _metavar(param: Param) -> str:
+    if param.kind is Kind.INT_LIST:
+        return "I,J,..."
+    return {Kind.INT: "N", Kind.FLOAT: "X"}.get(param.kind, param.name.upper())
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -288,91 +187,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return cmd_list(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one sentence, not the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}; see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sd-bridge",
         description="Live StreamDiffusion for VJ rigs: frames in, diffused frames out, OSC knobs.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the bridge", description="Run the bridge until Ctrl-C.")
-    io = run.add_argument_group("input and output")
-    io.add_argument(
-        "--input",
-        help="source URI (default pattern:bars): spout:NAME cam:0 shm:NAME file:PATH pattern:KIND",
+    run = sub.add_parser(
+        "run",
+        help="run the bridge",
+        description="Run the bridge until Ctrl-C. Every setting is also a TOML key (--config) "
+        "and the live ones an OSC address: see docs/settings.md.",
     )
-    io.add_argument(
-        "--output",
-        action="append",
-        help="sink URI, repeatable (default shm:sd-bridge-out): spout:NAME vcam shm:NAME file:PATH",
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for param in sorted(SETTINGS, key=lambda p: GROUP_ORDER.index(p.group)):
+        if param.group not in groups:
+            groups[param.group] = run.add_argument_group(param.group)
+        _add_setting(groups[param.group], param)
+    run.add_argument(
+        "--config", help="TOML file of settings by name, e.g. width = 768; the command line wins"
     )
-    io.add_argument("--fps", type=float, help="pace of pattern and file inputs (default 30)")
-    io.add_argument(
-        "--on-input-loss",
-        dest="on_input_loss",
-        choices=("last", "black"),
-        help="while the input is gone, keep sending the last frame (default) or black",
-    )
-    model = run.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        help="diffusers folder, .safetensors file, Hugging Face id or synthetic:NAME "
-        "(default stabilityai/sd-turbo)",
-    )
-    model.add_argument(
-        "--vae", help="tiny (default), model (the model's own VAE), or a folder or id"
-    )
-    model.add_argument(
-        "--lora", action="append", help="LoRA file, optionally PATH:SCALE; repeatable"
-    )
-    model.add_argument("--lcm-lora", dest="lcm_lora", help="LCM-LoRA file, fused at scale 1")
-    model.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    model.add_argument("--dtype", choices=DTYPE_CHOICES)
-    model.add_argument(
-        "--accel",
-        choices=ACCEL_CHOICES,
-        help="auto: cudagraph on CUDA, none elsewhere",
-    )
-    stream = run.add_argument_group("stream")
-    stream.add_argument("--prompt")
-    stream.add_argument("--negative-prompt", dest="negative_prompt")
-    stream.add_argument("--t-index", dest="t_index", type=_int_list, help="steps, e.g. 32,45")
-    stream.add_argument("--num-inference-steps", dest="num_inference_steps", type=int)
-    stream.add_argument("--cfg", choices=("none", "full", "self", "initialize"))
-    stream.add_argument("--guidance", type=float)
-    stream.add_argument("--delta", type=float)
-    stream.add_argument("--seed", type=int)
-    stream.add_argument("--width", type=int)
-    stream.add_argument("--height", type=int)
-    stream.add_argument("--frame-buffer-size", dest="frame_buffer_size", type=int)
-    stream.add_argument("--mode", choices=("img2img", "txt2img"))
-    stream.add_argument("--filter", action="store_true", default=None, help="similarity filter on")
-    stream.add_argument("--filter-threshold", dest="filter_threshold", type=float)
-    stream.add_argument("--filter-max-skip", dest="filter_max_skip", type=int)
-    control = run.add_argument_group("OSC")
-    control.add_argument(
-        "--osc-host", dest="osc_host", help="address to listen on (default 127.0.0.1)"
-    )
-    control.add_argument("--osc-port", dest="osc_port", type=int, help="UDP port (default 7000)")
-    control.add_argument(
-        "--osc-allow",
-        dest="osc_allow",
-        action="append",
-        help="host or network allowed to send; repeatable; needed for a non-loopback --osc-host",
-    )
-    control.add_argument(
-        "--osc-feedback",
-        dest="osc_feedback",
-        action="append",
-        help="host:port that receives status and errors; repeatable",
-    )
-    control.add_argument(
-        "--no-osc", dest="osc", action="store_false", default=None, help="no OSC server"
-    )
-    run.add_argument("--frames", type=int, help="stop after this many output frames")
-    run.add_argument("--config", help="TOML file with the same settings; the command line wins")
-    run.add_argument("--quiet", action="store_true", default=None, help="no status line")
     run.set_defaults(func=cmd_run)
 
     listing = sub.add_parser("list", help="transports and devices on this machine")
@@ -416,8 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as error:
-        print(f"sd-bridge: {error}", file=sys.stderr)
+        print(f"sd-bridge: {in_cli_words(str(error))}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sd-bridge: stopped.", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -63,6 +63,7 @@ MIN_CALM_S = 10.0
 RSS_EVERY_S = 5.0
 REPLY_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 15.0
+MAX_STOP_S = 2.0  # the bridge's promise: SIGTERM to exit within two seconds
 UNKNOWN_ADDRESSES = ("/sd/nope", "/sd/Prompt", "/sd/filter", "/", "/sd/t_index/0")
 WORD_CHARACTERS = "abcdefghijklmnopqrstuvwxyz     éøß北斎🌊"
 # Options the soak sets itself; passing them through would break what it measures.
@@ -288,7 +289,8 @@ def stamped_by(capture_time: float, first: float, fps: float) -> bool:
     """Whether `capture_time` is a tick of the frame clock that started at `first`.
 
     A frame the bridge diffused carries its input's capture time; a frame it repeats while the
-    input is gone carries the bridge's own clock, which hits a tick exactly only by chance.
+    input is gone carries the capture time of the frame it repeats, so it is told apart by not
+    being newer than the last one seen.
     """
     index = round((capture_time - first) * fps)
     return index >= 0 and stamp(first, index, fps) == capture_time
@@ -552,6 +554,7 @@ class Soak:
         self.started = 0.0  # clock() at the first output frame
         self.frames = 0
         self.diffused = 0  # output frames made from the input, not repeated while it was gone
+        self.newest_capture = -math.inf
         self.writer_clocks: list[float] = []  # each input writer's first stamp
         self.flap_killed_at = 0.0
         self.status: dict[str, object] = {}
@@ -649,6 +652,9 @@ class Soak:
 
     def _on_frame(self, capture_time: float) -> None:
         self.frames += 1
+        if capture_time <= self.newest_capture:
+            return  # a frame held while the input was gone
+        self.newest_capture = capture_time
         fps = self.feeder.fps
         if not any(stamped_by(capture_time, first, fps) for first in self.writer_clocks[-2:]):
             return
@@ -828,6 +834,7 @@ def targets(report: Report) -> dict[str, bool]:
         and end.refusals_missing == 0
         and end.unexpected_errors == 0,
         "RSS growth": growth is not None and growth < report.max_rss_growth_percent,
+        "quick stop": report.stop_s is not None and report.stop_s < MAX_STOP_S,
     }
 
 
@@ -878,6 +885,7 @@ def table(report: Report) -> str:
         f"(target < {report.max_rss_growth_percent:g}%)",
         "no crash": "alive throughout, exit 0 after SIGTERM, no traceback",
         "still answering": "/sd/get returns every value as last sent",
+        "quick stop": f"exit within {MAX_STOP_S:g} s of SIGTERM",
     }
     lines.append("targets:")
     for name, held in report.targets.items():

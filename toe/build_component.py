@@ -28,6 +28,7 @@ MODULES: dict[str, Path] = {
     EXTENSION_DAT: HERE / "sdb_extension.py",
     "sdb_osc": HERE / "sdb_osc.py",
     "sdb_process": HERE / "sdb_process.py",
+    "sdb_supervisor": HERE / "sdb_supervisor.py",
     "sdb_frames": HERE / "sdb_frames.py",
     "shm_protocol": HERE.parent / "bridge" / "io" / "shm_protocol.py",
 }

@@ -2,23 +2,28 @@
 
 This is the thin TouchDesigner glue. It runs inside the component, where the builder put it as
 the Text DAT `StreamDiffusionBridgeExt`, and TouchDesigner's import finds its sibling Text DATs
-`sdb_osc`, `sdb_process` and `sdb_frames`. The callbacks DATs the builder wrote call the
-methods below: the Parameter Execute DAT on every change or pulse of a custom parameter, the
-OSC callbacks on every message from the bridge, the Execute DAT once per frame and the two
-Script TOPs when they cook. Capitalised methods are promoted, so `parent().Start()` works from
-inside the component and `op('StreamDiffusionBridge').Start()` from anywhere.
+`sdb_osc`, `sdb_process`, `sdb_supervisor` and `sdb_frames`. The callbacks DATs the builder
+wrote call the methods below: the Parameter Execute DAT on every change or pulse of a custom
+parameter, the OSC callbacks on every message from the bridge, the Execute DAT once per frame
+and the two Script TOPs when they cook. Capitalised methods are promoted, so `parent().Start()`
+works from inside the component and `op('StreamDiffusionBridge').Start()` from anywhere.
 """
 
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import sdb_frames
 import sdb_osc
 import sdb_process
+import sdb_supervisor
 import shm_protocol
 
 CONNECTION_PARS = ("Transport", "Streamname", "Streaming", "Oscport", "Feedbackport")
 STATUS_VALUE_PARS = ("Fps", "Latency", "Drops", "Skips")
+RESUBSCRIBE_EVERY = 10.0
+"""Seconds between two `/sd/subscribe` to a bridge not started here (subscriptions expire)."""
 
 
 class StreamDiffusionBridgeExt:
@@ -26,7 +31,8 @@ class StreamDiffusionBridgeExt:
 
     def __init__(self, ownerComp) -> None:
         self.ownerComp = ownerComp
-        self._process = sdb_process.BridgeProcess(self._log_path())
+        self._process = sdb_supervisor.BridgeProcess(self._log_path(), pid_path=self._pid_path())
+        self._subscribed: tuple[int, float] | None = None  # feedback port, when renewed
         self._sender: sdb_frames.FrameSender | None = None
         self._receiver: sdb_frames.FrameReceiver | None = None
         self._synced = True
@@ -55,8 +61,9 @@ class StreamDiffusionBridgeExt:
         try:
             command = sdb_process.bridge_command(self._settings())
             self._process.log_path = self._log_path()
+            self._process.pid_path = self._pid_path()
             self._process.start(command)
-        except (ValueError, sdb_process.BridgeError) as error:
+        except (ValueError, sdb_supervisor.BridgeError) as error:
             self._report(str(error))
             return
         self._synced = False
@@ -74,7 +81,9 @@ class StreamDiffusionBridgeExt:
         values = {param.par: self.ownerComp.par[param.par].eval() for param in sdb_osc.LIVE_PARAMS}
         messages, refusals = sdb_osc.all_messages(values)
         if not self._process.poll().running:
-            messages.append(("/sd/subscribe", [int(self.ownerComp.par.Feedbackport.eval())]))
+            port = int(self.ownerComp.par.Feedbackport.eval())
+            messages.append(("/sd/subscribe", [port]))
+            self._subscribed = (port, time.monotonic())
         self._send(messages)
         for refusal in refusals:
             self._report(refusal)
@@ -107,6 +116,7 @@ class StreamDiffusionBridgeExt:
             for name in STATUS_VALUE_PARS:
                 self._set_status(name, 0)
         self._was_running = state.running
+        self._renew_subscription()
         par = self.ownerComp.par
         transport = sdb_process.resolve_transport(str(par.Transport.eval()))
         if transport == "shm" and par.Streaming.eval():
@@ -156,8 +166,11 @@ class StreamDiffusionBridgeExt:
             scriptOp.copyNumpyArray(image)
 
     def Shutdown(self) -> None:
-        """Stop the bridge and wait for it; release the shared-memory streams."""
+        """Stop the bridge and wait for it; unsubscribe; release the shared-memory streams."""
         self._process.stop_and_wait()
+        if self._subscribed is not None:
+            self._send([("/sd/unsubscribe", [self._subscribed[0]])])
+            self._subscribed = None
         self._close_streams()
 
     def onDestroyTD(self) -> None:
@@ -186,14 +199,28 @@ class StreamDiffusionBridgeExt:
             guidance=float(par.Guidance.eval()),
             delta=float(par.Delta.eval()),
             seed=int(par.Seed.eval()),
-            filter_enable=bool(par.Filterenable.eval()),
-            filter_threshold=float(par.Filterthreshold.eval()),
-            filter_max_skip=int(par.Filtermaxskip.eval()),
+            similarity_filter=bool(par.Filterenable.eval()),
+            similarity_threshold=float(par.Filterthreshold.eval()),
+            max_skip_frames=int(par.Filtermaxskip.eval()),
         )
 
     def _log_path(self) -> Path:
+        # One log per TouchDesigner process: another one never truncates a log in use.
         name = self.ownerComp.par.Streamname.eval()
-        return Path(tempfile.gettempdir()) / f"sd-bridge-{name}.log"
+        return Path(tempfile.gettempdir()) / f"sd-bridge-td{os.getpid()}-{name}.log"
+
+    def _pid_path(self) -> Path:
+        # Keyed by the OSC port, which a bridge left behind by a crash would still hold.
+        port = int(self.ownerComp.par.Oscport.eval())
+        return Path(tempfile.gettempdir()) / f"sd-bridge-osc{port}.pid"
+
+    def _renew_subscription(self) -> None:
+        """Subscribe again before the bridge forgets a subscription made by SendAll."""
+        if self._subscribed is None or time.monotonic() - self._subscribed[1] < RESUBSCRIBE_EVERY:
+            return
+        port = self._subscribed[0]
+        self._send([("/sd/subscribe", [port])])
+        self._subscribed = (port, time.monotonic())
 
     def _send(self, messages: list[sdb_osc.Message]) -> None:
         if not messages:

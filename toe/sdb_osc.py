@@ -49,6 +49,10 @@ LIVE_PARAMS: tuple[LiveParam, ...] = (
     LiveParam("Seed", "Seed", "/sd/seed", "int", 2, 0, 2**31 - 1),
     LiveParam("Seedfade", "Seed fade (s)", "/sd/seed/fade", "float", 0.0, 0.0, 60.0),
     LiveParam("Tindex", "T-index list", "/sd/t_index", "int_list", "32, 45", 0, 999),
+    LiveParam("Numinferencesteps", "Schedule steps", "/sd/num_inference_steps", "int", 50, 1, 50),
+    LiveParam("Doaddnoise", "Re-noise between steps", "/sd/do_add_noise", "toggle", True),
+    LiveParam("Noise", "Noise", "/sd/noise", "menu", "fixed", choices=("fixed", "fresh", "drift")),
+    LiveParam("Noisedrift", "Noise drift (rad/frame)", "/sd/noise/drift", "float", 0.05, 0.0, 1.5),
     LiveParam("Filterenable", "Similarity filter", "/sd/filter/enable", "toggle", False),
     LiveParam(
         "Filterthreshold",

@@ -42,8 +42,8 @@ def accelerate(
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
     if mode != "none" and stream.device.type != "cuda":
         raise ValueError(
-            f"--accel {mode} needs a CUDA GPU, but the pipeline runs on {stream.device}; "
-            "use --accel none."
+            f'accel="{mode}" needs a CUDA GPU, but the pipeline runs on {stream.device}; '
+            'use accel="none".'
         )
     if stream.device.type == "cuda":
         # Shapes are fixed while streaming, so cuDNN may pick the fastest convolutions once.

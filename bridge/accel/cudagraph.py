@@ -5,10 +5,14 @@ records the launches of one frame step (pixel conversion, VAE encode, the UNet, 
 update, VAE decode, conversion back) once and replays them with a single call. Everything the
 step reads (prompt embeddings, noise, guidance, schedule constants, the latent buffer) lives in
 tensors that live changes overwrite in place, so only a change of shapes or branches needs a new
-capture; `StreamDiffusion.graph_key` says which changes those are.
+capture; `StreamDiffusion.graph_key` says which changes those are. The generators the step draws
+noise from are registered with the graph, so each replay draws new numbers from where the
+generator stands (a re-seed between replays takes effect), as the eager step would.
 """
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -22,7 +26,7 @@ class GraphedFrameStep:
         if stream.device.type != "cuda":
             raise ValueError(
                 f"CUDA graphs need the pipeline on a CUDA device, it is on {stream.device}; "
-                "use --accel none on this machine."
+                'use accel="none" on this machine.'
             )
         self.stream = stream
         self.warmup_steps = warmup_steps
@@ -48,6 +52,8 @@ class GraphedFrameStep:
         self._key = None  # a capture that fails leaves nothing to replay
         self._static_in = pixels.clone()
         saved = [tensor.clone() for tensor in stream.state_tensors()]
+        generators = stream.generators()
+        saved_rng = [generator.get_state() for generator in generators]
         # Warm-up runs on a side stream (as capture requires) and lets lazy initialisation and
         # torch.compile happen outside the graph; the state it advanced is put back afterwards.
         side = torch.cuda.Stream(device=stream.device)
@@ -58,10 +64,24 @@ class GraphedFrameStep:
         torch.cuda.current_stream(stream.device).wait_stream(side)
         for tensor, copy in zip(stream.state_tensors(), saved, strict=True):
             tensor.copy_(copy)
+        for generator, state in zip(generators, saved_rng, strict=True):
+            generator.set_state(state)
         calls_before = stream.unet_calls
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._static_out = stream.frame_step(self._static_in, pixel_format)
+        # Without registration a draw during capture fails, and replays would repeat one draw.
+        for generator in generators:
+            graph.register_generator_state(generator)
+        # A graph freed during capture (a dropped pipeline's, found by the cycle collector)
+        # invalidates the capture: collect now, and keep the collector off while capturing.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph):
+                self._static_out = stream.frame_step(self._static_in, pixel_format)
+        finally:
+            if collecting:
+                gc.enable()
         self._unet_calls_per_step = stream.unet_calls - calls_before
         stream.unet_calls = calls_before
         self._graph = graph

@@ -1,7 +1,6 @@
 """Live control: the parameter schema and store, and the OSC server that speaks them."""
 
 from bridge.control.client import OscClient
-from bridge.control.files import UserFileError, resolve_user_file
 from bridge.control.osc_server import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -28,10 +27,8 @@ __all__ = [
     "ParamError",
     "ParamStore",
     "Snapshot",
-    "UserFileError",
     "Value",
     "osc_table_markdown",
     "parse_allow",
     "parse_target",
-    "resolve_user_file",
 ]

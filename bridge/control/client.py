@@ -10,10 +10,10 @@ from types import TracebackType
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from pythonosc.osc_packet import OscPacket
 
+from bridge.control.osc_datagram import MAX_DATAGRAM, OscDatagramError, read_datagram
 from bridge.control.osc_server import DEFAULT_HOST, DEFAULT_PORT
-from bridge.control.params import PARAMS_BY_ADDRESS
+from bridge.control.params import find_param
 
 ArgValue = str | bytes | bool | int | float | list | None
 """An argument python-osc can encode: `s`, `b`, `T`/`F`, `i` (or `h`), `f`, an array, `N`."""
@@ -65,17 +65,26 @@ class OscClient:
         self._sock.sendto(datagram, self._target)
 
     def receive(self, timeout: float | None = None) -> Reply | None:
-        """Return the next message received, or None if none comes within `timeout` seconds."""
-        self._sock.settimeout(self._timeout if timeout is None else timeout)
-        try:
-            data = self._sock.recv(65535)
-        except (TimeoutError, BlockingIOError):
-            return None
-        message = OscPacket(data).messages[0].message
-        return message.address, message.params
+        """Return the next readable message, or None if none comes within `timeout` seconds."""
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        while True:
+            # A timeout of 0 still reads what has already arrived, without waiting.
+            self._sock.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                data = self._sock.recv(MAX_DATAGRAM)
+            except (TimeoutError, BlockingIOError):
+                return None
+            try:
+                messages = read_datagram(data)
+            except OscDatagramError:
+                messages = []
+            if messages and not messages[0].problem:
+                return messages[0].address, list(messages[0].args)
+            if time.monotonic() >= deadline:
+                return None
 
     def get(self, name: str, timeout: float | None = None) -> list[object]:
-        """Ask for a parameter by address or name; return its value's OSC arguments.
+        """Ask for a parameter by address or name (`/sd/guidance`, `guidance`); return its value.
 
         Other messages received meanwhile are skipped; `/sd/error` about the request raises
         `RuntimeError` with the server's sentence, and no answer raises `TimeoutError`.
@@ -87,7 +96,7 @@ class OscClient:
             if reply is None:
                 break
             address, args = reply
-            if address == "/sd/value" and args and name in (args[0], _name_of(args[0])):
+            if address == "/sd/value" and args and _same_param(name, args[0]):
                 return args[1:]
             if address == "/sd/error" and args and args[0] == "/sd/get":
                 raise RuntimeError(str(args[1]))
@@ -116,6 +125,6 @@ def _message(address: str, args: Sequence[ArgValue]) -> OscMessage:
     return builder.build()
 
 
-def _name_of(address: object) -> str | None:
-    param = PARAMS_BY_ADDRESS.get(address) if isinstance(address, str) else None
-    return param.name if param is not None else None
+def _same_param(name: str, address: object) -> bool:
+    asked = find_param(name)
+    return name == address or (asked is not None and asked.address == address)

@@ -1,9 +1,15 @@
 """The OSC server: takes parameter changes and queries over UDP and answers the sender.
 
-One thread reads datagrams one at a time, so changes apply in the order they were sent. Each
-message is validated against the schema and stored in the `ParamStore`; the server never touches
-the GPU. Anything wrong with a message is answered with `/sd/error <address> <sentence>` to its
-sender and logged; a datagram that cannot be parsed at all is counted and dropped.
+One thread reads datagrams and handles them one at a time, so changes apply in the order they
+were sent. Datagrams are read with the bounded reader of `osc_datagram`, never by python-osc's
+parser. Each message is validated against the schema and stored in the `ParamStore`; the server
+never touches the GPU. Anything wrong with a message is answered with `/sd/error <address>
+<sentence>` to its sender and logged through a throttle; a datagram that cannot be read at all is
+counted and dropped.
+
+A flood must not cost the messages after it: the socket asks for a receive buffer of
+`RECEIVE_BUFFER` bytes, and the thread empties the socket into a bounded backlog before it
+handles each datagram, so the kernel's buffer stays free for what comes next.
 """
 
 from __future__ import annotations
@@ -17,30 +23,41 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from pythonosc.osc_packet import OscPacket
 
+from bridge.control.osc_datagram import MAX_DATAGRAM, Incoming, OscDatagramError, read_datagram
 from bridge.control.params import (
     PARAMS,
     PARAMS_BY_ADDRESS,
-    PARAMS_BY_NAME,
     Kind,
     Param,
     ParamError,
     Value,
     describe,
+    find_param,
 )
 from bridge.control.store import ParamStore
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
 MAX_SUBSCRIBERS = 16
-_MAX_DATAGRAM = 65535
+SUBSCRIPTION_SECONDS = 30.0
+"""How long a subscription lasts unless the subscriber sends `/sd/subscribe` again."""
+RECEIVE_BUFFER = 8 * 1024 * 1024
+"""Bytes of socket receive buffer asked for; the OS may grant less (Linux: net.core.rmem_max)."""
+MAX_BACKLOG = 100_000
+"""Datagrams read from the socket and not yet handled, at most; more are dropped and counted."""
+MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+STOP_TIMEOUT = 2.0
+"""Seconds `stop` waits for the server thread."""
+MAX_SHOWN_ADDRESS = 64
+"""Characters of a received address that a reply or a log line repeats."""
+_DRAIN_BATCH = 256
 
 Target = tuple[str, int]
 """A host and UDP port that replies or feedback go to."""
@@ -65,12 +82,16 @@ class OscPortInUseError(OscServerError):
 
 @dataclass(frozen=True)
 class OscStats:
-    """Datagram counters: every one `received`, then those dropped or answered with an error."""
+    """Datagram counters: every one `received`, then those dropped or answered with an error.
+
+    `overflowed` counts datagrams dropped because the backlog was full; they are not `received`.
+    """
 
     received: int = 0
     refused_sender: int = 0
     malformed: int = 0
     errors: int = 0
+    overflowed: int = 0
 
 
 def parse_target(text: str) -> Target:
@@ -107,16 +128,21 @@ def parse_allow(entries: Iterable[str]) -> tuple[Network, ...]:
 class _ThrottledLog:
     """At most `per_second` warnings a second; a flood of bad datagrams is summarised instead.
 
-    Only the server thread logs through it, so it needs no lock.
+    The server thread and the threads that publish feedback share it, hence the lock.
     """
 
     def __init__(self, per_second: int = 10) -> None:
         self.per_second = per_second
+        self._lock = threading.Lock()
         self._window = 0.0
         self._shown = 0
         self._suppressed = 0
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, message: str, *args: object, exc_info: bool = False) -> None:
+        with self._lock:
+            self._warning(message, args, exc_info)
+
+    def _warning(self, message: str, args: tuple[object, ...], exc_info: bool) -> None:
         at = time.monotonic()
         if at - self._window >= 1.0:
             if self._suppressed:
@@ -124,7 +150,7 @@ class _ThrottledLog:
             self._window, self._shown, self._suppressed = at, 0, 0
         if self._shown < self.per_second:
             self._shown += 1
-            log.warning(message, *args)
+            log.warning(message, *args, exc_info=exc_info)
         else:
             self._suppressed += 1
 
@@ -135,7 +161,8 @@ class OscServer:
     Binds `host` (default 127.0.0.1, loopback only) and `port` (default 7000; 0 picks a free
     one). Binding any other address needs `allow`: addresses, networks or host names whose
     datagrams are served; everyone else's are dropped and counted. `feedback` lists targets
-    that always receive status and errors, besides those that `/sd/subscribe`. `/sd/quit`
+    that always receive status and errors, besides those that `/sd/subscribe` (a subscription
+    lasts `SUBSCRIPTION_SECONDS` unless renewed; `clock` tells the time for it). `/sd/quit`
     calls `on_quit` (a plugin's clean way to stop the bridge where it cannot send a signal).
     """
 
@@ -148,9 +175,13 @@ class OscServer:
         allow: Iterable[str] = (),
         feedback: Iterable[Target] = (),
         on_quit: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= port <= 65535:
-            raise ValueError(f"OSC port {port} is out of range; pick one from 1 to 65535.")
+            raise ValueError(
+                f"OSC port {port} is out of range; pick one from 1 to 65535, or 0 to let the "
+                "system pick a free one."
+            )
         allowed = parse_allow(allow)
         if not allowed:
             if not _is_loopback(host):
@@ -164,12 +195,14 @@ class OscServer:
         self._port = port
         self._allowed = allowed
         self._feedback = tuple(feedback)
-        self._subscribers: list[Target] = []
+        self._subscribers: dict[Target, float] = {}
+        self._clock = clock
         self._stats = OscStats()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._commands: dict[str, Callable[[Sequence[object], Target], None]] = {
             "/sd/get": self._get,
             "/sd/list": self._list,
@@ -196,8 +229,9 @@ class OscServer:
 
     @property
     def subscribers(self) -> tuple[Target, ...]:
-        """The feedback targets: the configured ones, then those that subscribed."""
+        """The feedback targets: the configured ones, then those whose subscription is current."""
         with self._lock:
+            self._drop_expired()
             return self._feedback + tuple(self._subscribers)
 
     def start(self) -> None:
@@ -214,6 +248,7 @@ class OscServer:
         if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
             # Windows otherwise lets a second program bind the same port and steal datagrams.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         try:
             sock.bind((self._host, self._port))
         except OSError as error:
@@ -227,18 +262,34 @@ class OscServer:
                 f"cannot bind the OSC server to {self._host}:{self._port} ({error.strerror}); "
                 "pass a local address with --osc-host or another port with --osc-port."
             ) from None
+        sock.setblocking(False)
         self._sock = sock
         self._wake = socket.socketpair()
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._serve, name="osc-server", daemon=True)
         self._thread.start()
-        log.info("OSC server listening on %s:%d", *self.address)
+        log.debug("OSC server listening on %s:%d", *self.address)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < RECEIVE_BUFFER // 2:
+            # Linux reports twice what it grants; anything under half the request was capped.
+            log.info(
+                "OSC receive buffer is %d KiB of the %d KiB asked for; raise the system's "
+                "limit (Linux: sysctl net.core.rmem_max) to ride out longer floods",
+                granted // 1024,
+                RECEIVE_BUFFER // 1024,
+            )
 
     def stop(self) -> None:
-        """Stop serving and release the port."""
+        """Stop serving and release the port, waiting at most `STOP_TIMEOUT` for the thread."""
         if self._thread is None or self._wake is None or self._sock is None:
             return
+        self._stopping.set()
         self._wake[1].send(b"\0")
-        self._thread.join()
+        self._thread.join(STOP_TIMEOUT)
+        if self._thread.is_alive():
+            log.warning(
+                "the OSC server thread did not stop within %.0f s; left behind", STOP_TIMEOUT
+            )
         self._sock.close()
         for end in self._wake:
             end.close()
@@ -265,7 +316,7 @@ class OscServer:
             self._send(target, "/sd/status/skips", int(skips))
 
     def publish_input(self, state: str) -> None:
-        """Send `/sd/status/input <state>` ("lost" or "ok") to every feedback target."""
+        """Send `/sd/status/input <state>` ("waiting", "lost" or "ok") to every feedback target."""
         for target in self.subscribers:
             self._send(target, "/sd/status/input", state)
 
@@ -277,21 +328,41 @@ class OscServer:
 
     def _serve(self) -> None:
         assert self._sock is not None and self._wake is not None
-        while True:
-            ready, _, _ = select.select([self._sock, self._wake[0]], [], [])
-            if self._wake[0] in ready:
-                return
-            try:
-                data, sender = self._sock.recvfrom(_MAX_DATAGRAM)
-            except OSError:
-                # Windows reports an earlier reply's "port unreachable" on the next read.
-                continue
-            try:
-                self._handle(data, (sender[0], sender[1]))
-            except Exception:
-                # A bug must not end the thread that every controller depends on.
-                log.exception("OSC datagram from %s:%d was not handled", *sender[:2])
-                self._count(errors=1)
+        sock, wake = self._sock, self._wake[0]
+        backlog: deque[tuple[bytes, Target]] = deque()
+        backlog_bytes = 0
+        while not self._stopping.is_set():
+            if not backlog:
+                ready, _, _ = select.select([sock, wake], [], [])
+                if wake in ready:
+                    return
+            # Empty the socket before each datagram is handled: handling is slower than the
+            # kernel receives, and what its buffer cannot hold is lost without a trace.
+            for _ in range(_DRAIN_BATCH):
+                try:
+                    data, sender = sock.recvfrom(MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # Windows reports an earlier reply's "port unreachable" on the next read.
+                    continue
+                if len(backlog) >= MAX_BACKLOG or backlog_bytes + len(data) > MAX_BACKLOG_BYTES:
+                    self._count(overflowed=1)
+                    self._warnings.warning("OSC datagram dropped: %d waiting already", len(backlog))
+                    continue
+                backlog.append((data, (sender[0], sender[1])))
+                backlog_bytes += len(data)
+            if backlog:
+                data, sender = backlog.popleft()
+                backlog_bytes -= len(data)
+                try:
+                    self._handle(data, sender)
+                except Exception:
+                    # A bug must not end the thread that every controller depends on.
+                    self._warnings.warning(
+                        "OSC datagram from %s:%d was not handled", *sender, exc_info=True
+                    )
+                    self._count(errors=1)
 
     def _handle(self, data: bytes, sender: Target) -> None:
         self._count(received=1)
@@ -300,40 +371,47 @@ class OscServer:
             self._warnings.warning("OSC datagram from %s dropped: not in the allow list", sender[0])
             return
         try:
-            messages = [timed.message for timed in OscPacket(data).messages]
-        except Exception as error:
-            # python-osc's parser raises ParseError, UnicodeDecodeError, RecursionError and
-            # others on hostile input; all of them mean the same: an unreadable datagram.
+            messages = read_datagram(data)
+        except OscDatagramError as error:
             self._count(malformed=1)
             self._warnings.warning(
                 "OSC datagram of %d bytes from %s:%d dropped: %s",
                 len(data),
                 sender[0],
                 sender[1],
-                type(error).__name__,
+                error,
             )
             return
         self._apply(messages, sender)
 
-    def _apply(self, messages: Sequence[OscMessage], sender: Target) -> None:
+    def _apply(self, messages: Sequence[Incoming], sender: Target) -> None:
         """Store a datagram's changes as one, then answer its queries in order."""
         changes: dict[str, Value] = {}
-        queries: list[tuple[Callable[[Sequence[object], Target], None], list[object]]] = []
+        queries: list[tuple[Callable[[Sequence[object], Target], None], tuple[object, ...]]] = []
         for message in messages:
             address = message.address
             param = PARAMS_BY_ADDRESS.get(address)
-            if param is not None:
-                try:
-                    changes[param.name] = param.from_osc(message.params)
-                except ParamError as error:
-                    self._refuse(sender, error.address, error.sentence)
-            elif address in self._commands:
-                queries.append((self._commands[address], message.params))
-            else:
+            known = param is not None or address in self._commands
+            if known and message.problem:
                 self._refuse(
                     sender,
                     address,
-                    f"unknown OSC address {address}; send /sd/list to get every address "
+                    f"{address} could not be read: {message.problem}; send type tags that "
+                    "match the data (OSC 1.0).",
+                )
+            elif param is not None:
+                try:
+                    changes[param.name] = param.from_osc(message.args)
+                except ParamError as error:
+                    self._refuse(sender, error.address, error.sentence)
+            elif address in self._commands:
+                queries.append((self._commands[address], message.args))
+            else:
+                shown = shown_address(address)
+                self._refuse(
+                    sender,
+                    shown,
+                    f"unknown OSC address {shown}; send /sd/list to get every address "
                     "this server takes.",
                 )
         while changes:
@@ -354,15 +432,13 @@ class OscServer:
                 self._send_value(sender, param)
             return
         key = args[0]
-        param = None
-        if len(args) == 1 and isinstance(key, str):
-            param = PARAMS_BY_ADDRESS.get(key) or PARAMS_BY_NAME.get(key)
+        param = find_param(key) if len(args) == 1 and isinstance(key, str) else None
         if param is None:
             self._refuse(
                 sender,
                 "/sd/get",
-                f"/sd/get got {describe(list(args))}; send one parameter address or name, "
-                "or nothing for all of them.",
+                f"/sd/get got {describe(list(args))}; send one parameter address (/sd/guidance) "
+                "or its name (guidance), or nothing for all of them.",
             )
             return
         self._send_value(sender, param)
@@ -402,17 +478,23 @@ class OscServer:
             return
         target = (sender[0], port)
         with self._lock:
-            if target in self._subscribers:
-                return
-            if len(self._subscribers) < MAX_SUBSCRIBERS:
-                self._subscribers.append(target)
+            self._drop_expired()
+            if target in self._subscribers or len(self._subscribers) < MAX_SUBSCRIBERS:
+                self._subscribers[target] = self._clock() + SUBSCRIPTION_SECONDS
                 return
         self._refuse(
             sender,
             "/sd/subscribe",
             f"/sd/subscribe refused: {MAX_SUBSCRIBERS} targets already subscribed; "
-            "send /sd/unsubscribe from one you no longer use.",
+            "send /sd/unsubscribe from one you no longer use, or wait "
+            f"{SUBSCRIPTION_SECONDS:.0f} s for a silent one to expire.",
         )
+
+    def _drop_expired(self) -> None:
+        """Forget subscriptions that were not renewed in time; call with the lock held."""
+        now = self._clock()
+        for target in [t for t, expires in self._subscribers.items() if expires <= now]:
+            del self._subscribers[target]
 
     def _quit(self, args: Sequence[object], sender: Target) -> None:
         if args:
@@ -429,13 +511,15 @@ class OscServer:
         if port is None:
             return
         with self._lock:
-            if (sender[0], port) in self._subscribers:
-                self._subscribers.remove((sender[0], port))
+            self._subscribers.pop((sender[0], port), None)
 
     def _port_argument(self, address: str, args: Sequence[object], sender: Target) -> int | None:
-        if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
-            if 1 <= args[0] <= 65535:
-                return args[0]
+        # Pure Data's oscformat sends every number as a float: a whole one is a port too.
+        port = args[0] if len(args) == 1 else None
+        if isinstance(port, float) and port.is_integer():
+            port = int(port)
+        if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+            return port
         self._refuse(
             sender,
             address,
@@ -457,8 +541,10 @@ class OscServer:
             builder.add_arg(_plain(arg))
         try:
             sock.sendto(builder.build().dgram, target)
+        except BlockingIOError:
+            self._warnings.warning("OSC reply to %s:%d dropped: send buffer full", *target)
         except OSError as error:
-            log.debug("OSC reply to %s:%d not sent: %s", target[0], target[1], error)
+            self._warnings.warning("OSC reply to %s:%d not sent: %s", *target, error)
 
     def _is_allowed(self, host: str) -> bool:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -472,6 +558,16 @@ class OscServer:
                 self._stats,
                 **{name: getattr(self._stats, name) + n for name, n in increments.items()},
             )
+
+
+def shown_address(address: str) -> str:
+    """`address` safe to log and to echo: control characters escaped, at most a few dozen kept."""
+    escaped = (
+        address.encode("unicode_escape").decode("ascii") if not address.isprintable() else address
+    )
+    if len(escaped) > MAX_SHOWN_ADDRESS:
+        return escaped[: MAX_SHOWN_ADDRESS - 3] + "..."
+    return escaped
 
 
 def _plain(value: object) -> int | float | str:

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
-Value = str | float | int | bool | tuple[int, ...]
-"""A validated parameter value; `t_index_list` is the only tuple."""
+Value = str | float | int | bool | tuple[int, ...] | tuple[str, ...]
+"""A validated parameter value; lists (`t_index_list`, `output`) are tuples."""
 
 MAX_PROMPT_CHARS = 1000
 MAX_FADE_SECONDS = 60.0
 # An LCM schedule is drawn from the 50 steps the model was distilled with, so it has at most 50.
 MAX_INFERENCE_STEPS = 50
 MAX_T_INDICES = 8
+MAX_LIST_ENTRIES = 16
 
 
 class ParamError(ValueError):
@@ -42,6 +43,7 @@ class Kind(str, Enum):
     STRING = "string"
     CHOICE = "choice"
     INT_LIST = "int_list"
+    STRING_LIST = "string_list"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class Param:
     `minimum` and `maximum` bound numbers (for `INT_LIST`, each entry); `max_length` caps a
     string's characters or a list's entries. `changes_shapes` marks parameters whose change
     resizes tensors, which the engine applies as a visible rebuild rather than between frames.
+    `name` is the store key, the TOML key, the CLI flag (with dashes) and, where `stream` is set,
+    the `StreamConfig` field it drives; `aliases` are older spellings still accepted. A setting
+    that is not `live` is fixed at start: it has no OSC address. `group` heads its CLI section.
     """
 
     name: str
@@ -64,6 +69,11 @@ class Param:
     choices: tuple[str, ...] = ()
     max_length: int = 0
     changes_shapes: bool = False
+    aliases: tuple[str, ...] = ()
+    stream: bool = True
+    live: bool = True
+    multiple_of: int = 1
+    group: str = "stream"
 
     def validate(self, value: object) -> Value:
         """Return `value` coerced to this parameter's type, or raise `ParamError`."""
@@ -81,6 +91,8 @@ class Param:
             if isinstance(value, str) and value in self.choices:
                 return value
             raise self._error(value)
+        if self.kind is Kind.STRING_LIST:
+            return self._validate_string_list(value)
         return self._validate_int_list(value)
 
     def from_osc(self, args: Sequence[object]) -> Value:
@@ -113,13 +125,16 @@ class Param:
             upper = "up to but not including" if self.maximum_exclusive else "to"
             return f"a float from {self.minimum} {upper} {self.maximum}"
         if self.kind is Kind.INT:
-            return f"an int from {int(self.minimum or 0)} to {int(self.maximum or 0)}"
+            steps = f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
+            return f"an int from {int(self.minimum or 0)} to {int(self.maximum or 0)}{steps}"
         if self.kind is Kind.BOOL:
             return "0 or 1 (or T/F)"
         if self.kind is Kind.STRING:
             return f"one string of at most {self.max_length} characters"
         if self.kind is Kind.CHOICE:
             return "one of " + ", ".join(self.choices)
+        if self.kind is Kind.STRING_LIST:
+            return f"a list of up to {MAX_LIST_ENTRIES} strings"
         return (
             f"1 to {self.max_length} strictly increasing ints, "
             f"each from {int(self.minimum or 0)} to num_inference_steps - 1"
@@ -127,7 +142,9 @@ class Param:
 
     def _error(self, value: object, shown: str | None = None) -> ParamError:
         shown = describe(value) if shown is None else shown
-        return ParamError(self.address, f"{self.address} got {shown}; send {self.allowed()}.")
+        where = self.address or self.name
+        verb = "send" if self.live else "use"
+        return ParamError(where, f"{where} got {shown}; {verb} {self.allowed()}.")
 
     def _in_range(self, number: float) -> bool:
         assert self.minimum is not None and self.maximum is not None
@@ -145,7 +162,7 @@ class Param:
 
     def _validate_int(self, value: object, shown: object) -> int:
         number = _integral(value)
-        if number is None or not self._in_range(number):
+        if number is None or not self._in_range(number) or number % self.multiple_of:
             raise self._error(shown)
         return number
 
@@ -156,6 +173,13 @@ class Param:
         if number not in (0, 1):
             raise self._error(value)
         return bool(number)
+
+    def _validate_string_list(self, value: object) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST_ENTRIES:
+            raise self._error(value)
+        if not all(isinstance(entry, str) and entry for entry in value):
+            raise self._error(value)
+        return tuple(value)
 
     def _validate_int_list(self, value: object) -> tuple[int, ...]:
         if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= self.max_length:
@@ -203,6 +227,7 @@ PARAMS: tuple[Param, ...] = (
         default="a psychedelic painting, vivid colours",
         effect="Text the image is steered towards; re-encoded off the hot path.",
         max_length=MAX_PROMPT_CHARS,
+        stream=False,
     ),
     Param(
         name="negative_prompt",
@@ -211,15 +236,18 @@ PARAMS: tuple[Param, ...] = (
         default="",
         effect="Text steered away from; used when cfg_type is full or initialize.",
         max_length=MAX_PROMPT_CHARS,
+        stream=False,
     ),
     Param(
         name="guidance_scale",
         address="/sd/guidance",
         kind=Kind.FLOAT,
         default=1.2,
-        effect="Classifier-free guidance strength; 1.0 or below turns guidance off.",
+        effect="Classifier-free guidance strength; at or below 1.0 guidance is off (conditional "
+        "prediction only), for every cfg_type.",
         minimum=0.0,
         maximum=20.0,
+        aliases=("guidance",),
     ),
     Param(
         name="delta",
@@ -238,6 +266,7 @@ PARAMS: tuple[Param, ...] = (
         effect="Guidance mode: none, full (doubles the batch), self or initialize (residual CFG).",
         choices=("none", "full", "self", "initialize"),
         changes_shapes=True,
+        aliases=("cfg",),
     ),
     Param(
         name="num_inference_steps",
@@ -258,6 +287,7 @@ PARAMS: tuple[Param, ...] = (
         maximum=MAX_INFERENCE_STEPS - 1,
         max_length=MAX_T_INDICES,
         changes_shapes=True,
+        aliases=("t_index",),
     ),
     Param(
         name="seed",
@@ -273,17 +303,38 @@ PARAMS: tuple[Param, ...] = (
         address="/sd/do_add_noise",
         kind=Kind.BOOL,
         default=True,
-        effect="Add fresh noise to the input latent before denoising.",
+        effect="Re-noise frames between their denoising steps; off keeps only the noise added "
+        "to the input latent.",
     ),
     Param(
-        name="filter_enable",
+        name="noise",
+        address="/sd/noise",
+        kind=Kind.CHOICE,
+        default="fixed",
+        effect="How the noise changes between frames: fixed (the seed's, every frame), fresh "
+        "(new every frame) or drift (a slow walk at noise_drift).",
+        choices=("fixed", "fresh", "drift"),
+    ),
+    Param(
+        name="noise_drift",
+        address="/sd/noise/drift",
+        kind=Kind.FLOAT,
+        default=0.05,
+        effect="Drift speed: radians per frame the noise turns towards new noise, keeping its "
+        "norm (0 holds it still).",
+        minimum=0.0,
+        maximum=1.5,
+    ),
+    Param(
+        name="similarity_filter",
         address="/sd/filter/enable",
         kind=Kind.BOOL,
         default=False,
         effect="Stochastic similarity filter: skip frames that barely differ from the last one.",
+        aliases=("filter", "filter_enable"),
     ),
     Param(
-        name="filter_threshold",
+        name="similarity_threshold",
         address="/sd/filter/threshold",
         kind=Kind.FLOAT,
         default=0.98,
@@ -291,15 +342,17 @@ PARAMS: tuple[Param, ...] = (
         minimum=0.0,
         maximum=1.0,
         maximum_exclusive=True,
+        aliases=("filter_threshold",),
     ),
     Param(
-        name="filter_max_skip",
+        name="max_skip_frames",
         address="/sd/filter/max_skip",
         kind=Kind.INT,
         default=10,
         effect="Most frames the filter skips in a row before one is processed anyway.",
         minimum=0,
         maximum=600,
+        aliases=("filter_max_skip",),
     ),
     Param(
         name="pause",
@@ -307,6 +360,7 @@ PARAMS: tuple[Param, ...] = (
         kind=Kind.BOOL,
         default=False,
         effect="Stop diffusing; outputs keep the last frame.",
+        stream=False,
     ),
     Param(
         name="prompt_fade",
@@ -316,6 +370,7 @@ PARAMS: tuple[Param, ...] = (
         effect="Seconds over which the next prompt change cross-fades the embeddings; 0 cuts.",
         minimum=0.0,
         maximum=MAX_FADE_SECONDS,
+        stream=False,
     ),
     Param(
         name="seed_fade",
@@ -325,11 +380,234 @@ PARAMS: tuple[Param, ...] = (
         effect="Seconds over which the next seed change cross-fades the noise; 0 cuts.",
         minimum=0.0,
         maximum=MAX_FADE_SECONDS,
+        stream=False,
     ),
 )
 
+
+def _start(**fields: object) -> Param:
+    """A setting fixed at start: no OSC address; a pipeline field only where it says so."""
+    fields.setdefault("stream", False)
+    return Param(address="", live=False, **fields)  # type: ignore[arg-type]
+
+
+START_SETTINGS: tuple[Param, ...] = (
+    _start(
+        name="input",
+        kind=Kind.STRING,
+        default="pattern:bars",
+        effect="Source URI: spout:NAME, cam:0, shm:NAME, file:PATH or pattern:KIND.",
+        max_length=MAX_PROMPT_CHARS,
+        group="input and output",
+    ),
+    _start(
+        name="output",
+        kind=Kind.STRING_LIST,
+        default=("shm:sd-bridge-out",),
+        effect="Sink URI, repeatable: spout:NAME, vcam, shm:NAME, file:PATH or null.",
+        group="input and output",
+    ),
+    _start(
+        name="fps",
+        kind=Kind.FLOAT,
+        default=30.0,
+        effect="Frame rate of pattern and file inputs and of outputs held while the input is gone.",
+        minimum=1.0,
+        maximum=240.0,
+        group="input and output",
+    ),
+    _start(
+        name="on_input_loss",
+        kind=Kind.CHOICE,
+        default="last",
+        effect="While the input is gone, keep sending the last frame or black.",
+        choices=("last", "black"),
+        group="input and output",
+    ),
+    _start(
+        name="model",
+        kind=Kind.STRING,
+        default="stabilityai/sd-turbo",
+        effect="Diffusers folder, .safetensors file, cached Hugging Face id or synthetic:NAME.",
+        max_length=MAX_PROMPT_CHARS,
+        group="model",
+    ),
+    _start(
+        name="vae",
+        kind=Kind.STRING,
+        default="tiny",
+        effect="tiny (TAESD), model (the model's own VAE), or a VAE folder or id.",
+        max_length=MAX_PROMPT_CHARS,
+        group="model",
+    ),
+    _start(
+        name="lora",
+        kind=Kind.STRING_LIST,
+        default=(),
+        effect="LoRA file fused into the model, PATH or PATH:SCALE; repeatable.",
+        group="model",
+    ),
+    _start(
+        name="lcm_lora",
+        kind=Kind.STRING,
+        default="",
+        effect="LCM-LoRA file, fused at scale 1 before the other LoRAs.",
+        max_length=MAX_PROMPT_CHARS,
+        group="model",
+    ),
+    _start(
+        name="download",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Fetch a Hugging Face model that is not in the cache (needs the internet); off, "
+        "the bridge never touches the network.",
+        group="model",
+    ),
+    _start(
+        name="device",
+        kind=Kind.STRING,
+        default="auto",
+        effect="cuda, cuda:1, mps or cpu; auto picks the best there is.",
+        max_length=32,
+        group="model",
+    ),
+    _start(
+        name="dtype",
+        kind=Kind.CHOICE,
+        default="auto",
+        effect="Weight and activation precision; auto is fp16 on a GPU and fp32 on the CPU.",
+        choices=("auto", "fp16", "bf16", "fp32"),
+        group="model",
+    ),
+    _start(
+        name="accel",
+        kind=Kind.CHOICE,
+        default="auto",
+        effect="Acceleration; auto is cudagraph on CUDA and none elsewhere.",
+        choices=("auto", "none", "cudagraph", "compile"),
+        group="model",
+    ),
+    _start(
+        name="width",
+        kind=Kind.INT,
+        default=512,
+        effect="Width of the pictures the pipeline makes; inputs are fitted to it.",
+        minimum=8,
+        maximum=4096,
+        multiple_of=8,
+        stream=True,
+    ),
+    _start(
+        name="height",
+        kind=Kind.INT,
+        default=512,
+        effect="Height of the pictures the pipeline makes; inputs are fitted to it.",
+        minimum=8,
+        maximum=4096,
+        multiple_of=8,
+        stream=True,
+    ),
+    _start(
+        name="frame_buffer_size",
+        kind=Kind.INT,
+        default=1,
+        effect="Input frames batched into one pipeline step: more throughput, more latency.",
+        minimum=1,
+        maximum=64,
+        stream=True,
+    ),
+    _start(
+        name="mode",
+        kind=Kind.CHOICE,
+        default="img2img",
+        effect="img2img transforms the input; txt2img makes pictures from the prompt alone.",
+        choices=("img2img", "txt2img"),
+        stream=True,
+    ),
+    _start(
+        name="osc",
+        kind=Kind.BOOL,
+        default=True,
+        effect="Run the OSC server (--no-osc turns it off).",
+        group="OSC",
+    ),
+    _start(
+        name="osc_host",
+        kind=Kind.STRING,
+        default="127.0.0.1",
+        effect="Address the OSC server listens on.",
+        max_length=255,
+        group="OSC",
+    ),
+    _start(
+        name="osc_port",
+        kind=Kind.INT,
+        default=7000,
+        effect="UDP port of the OSC server.",
+        minimum=1,
+        maximum=65535,
+        group="OSC",
+    ),
+    _start(
+        name="osc_allow",
+        kind=Kind.STRING_LIST,
+        default=(),
+        effect="Host or network allowed to send; repeatable; needed for a non-loopback osc_host.",
+        group="OSC",
+    ),
+    _start(
+        name="osc_feedback",
+        kind=Kind.STRING_LIST,
+        default=(),
+        effect="host:port that receives status and errors; repeatable.",
+        group="OSC",
+    ),
+    _start(
+        name="frames",
+        kind=Kind.INT,
+        default=0,
+        effect="Stop after this many output frames; 0 runs until stopped.",
+        minimum=0,
+        maximum=2**31 - 1,
+        group="run",
+    ),
+    _start(
+        name="quiet",
+        kind=Kind.BOOL,
+        default=False,
+        effect="No status line.",
+        group="run",
+    ),
+)
+"""Settings fixed at start: CLI flags and TOML keys like the live ones, but no OSC address."""
+
+SETTINGS: tuple[Param, ...] = PARAMS + START_SETTINGS
+"""Every setting of `sd-bridge run`, live or not, in the order `--help` shows them."""
+
+SETTINGS_BY_KEY: Mapping[str, Param] = MappingProxyType(
+    {key: p for p in SETTINGS for key in (p.name, *p.aliases)}
+)
+"""Settings by name and by alias: the keys a TOML file and the command line may use."""
+
 PARAMS_BY_NAME: Mapping[str, Param] = MappingProxyType({p.name: p for p in PARAMS})
 PARAMS_BY_ADDRESS: Mapping[str, Param] = MappingProxyType({p.address: p for p in PARAMS})
+
+
+PARAMS_BY_ALIAS: Mapping[str, Param] = MappingProxyType(
+    {alias: p for p in PARAMS for alias in p.aliases}
+)
+
+
+STREAM_PARAMS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.stream)
+"""The live parameters that are `StreamConfig` fields of the same name, set between frames."""
+
+
+def find_param(text: str) -> Param | None:
+    """The live parameter `text` names: its name, an alias, its address, or that without `/sd/`."""
+    found = PARAMS_BY_NAME.get(text) or PARAMS_BY_ADDRESS.get(text) or PARAMS_BY_ALIAS.get(text)
+    if found is None and not text.startswith("/"):
+        found = PARAMS_BY_ADDRESS.get("/sd/" + text)
+    return found
 
 
 def default_values() -> dict[str, Value]:

@@ -60,6 +60,9 @@ NAME_RULE = "1 to 20 characters from A-Z a-z 0-9 _ -, starting with a letter or 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,19}")
 
 HEARTBEAT_INTERVAL = 0.1
+# The writer beats twice as often as it promises, on a fixed grid, so a beat the scheduler
+# delays by up to one period still keeps the promise.
+BEAT_PERIOD = HEARTBEAT_INTERVAL / 2
 STALE_AFTER = 1.0
 REATTACH_INTERVAL = 0.25
 READ_ATTEMPTS = 64
@@ -69,6 +72,9 @@ _FLAGS = 12
 _HEARTBEAT = 24
 _SEQ = 32
 _META = 40
+_COUNTER = 80
+# Counters a writer of this protocol cannot have reached; a larger one is taken as garbage.
+_COUNTER_LIMIT = 1 << 62
 
 _FIXED = struct.Struct("<8sHHIIIdQIIIIIIQIIQd")
 _OWNER_FIELDS = struct.Struct("<8sHHIIIdQ")
@@ -249,8 +255,10 @@ class ShmWriter:
 
     Creating a writer claims the name: a segment left by a writer that died (its process is
     gone, or its heartbeat has stopped) is taken over, while a live writer makes this raise
-    ShmInUseError. A background thread refreshes the heartbeat every HEARTBEAT_INTERVAL seconds
-    so readers can tell an idle writer from a dead one. Call `write` from one thread only.
+    ShmInUseError. A background thread refreshes the heartbeat at least every
+    HEARTBEAT_INTERVAL seconds so readers can tell an idle writer from a dead one. The first
+    frame segment is made by the first `write`; `width`, `height` and `pixel_format` are only
+    checked here and are the defaults of `write`. Call `write` from one thread only.
     """
 
     def __init__(
@@ -272,13 +280,12 @@ class ShmWriter:
         self._session = int.from_bytes(os.urandom(4), "little") | 1
         self._frames: shared_memory.SharedMemory | None = None
         self._retired: shared_memory.SharedMemory | None = None
-        self._shape = (0, 0, 0)
+        self._shape = (height, width, PIXEL_FORMAT_CODES[_CODE_OF_FORMAT[pixel_format]][1])
         self._pixel_format = pixel_format
         self._row_stride = 0
         self._buffer_stride = 0
         self._active = 0
         self._fresh_generation = True
-        self._allocate(width, height, pixel_format)
         self._stop = threading.Event()
         self._beating = threading.Thread(
             target=self._beat_until_stopped, name=f"shm-heartbeat-{name}", daemon=True
@@ -310,7 +317,11 @@ class ShmWriter:
                 f"got {pixels.dtype} {pixels.shape}."
             )
         height, width = pixels.shape[:2]
-        if pixels.shape != self._shape or pixel_format != self._pixel_format:
+        if (
+            self._frames is None
+            or pixels.shape != self._shape
+            or pixel_format != self._pixel_format
+        ):
             _check_frame_request(width, height, pixel_format)
             self._allocate(width, height, pixel_format)
         capture_time = clock() if capture_time is None else float(capture_time)
@@ -414,8 +425,12 @@ class ShmWriter:
 
     def _beat_until_stopped(self) -> None:
         index = self._index
-        while not self._stop.wait(HEARTBEAT_INTERVAL):
-            _F64.pack_into(index.buf, _HEARTBEAT, clock())
+        due = clock() + BEAT_PERIOD
+        while not self._stop.wait(max(0.0, due - clock())):
+            moment = clock()
+            _F64.pack_into(index.buf, _HEARTBEAT, moment)
+            # Keep to the grid; after a long stall, start it again from now.
+            due = due + BEAT_PERIOD if due + BEAT_PERIOD > moment else moment + BEAT_PERIOD
 
 
 class ShmReader:
@@ -431,7 +446,9 @@ class ShmReader:
         self.stale_after = float(stale_after)
         self._index: shared_memory.SharedMemory | None = None
         self._frames: shared_memory.SharedMemory | None = None
-        self._frames_generation = 0
+        # A frame segment belongs to one writer: a writer taking the name over may reuse a
+        # generation number, so the segment is known by (writer_session, generation).
+        self._frames_key: tuple[int, int] | None = None
         self._last_attach_try = -math.inf
         self._last_seen: tuple[int, int, int] | None = None
 
@@ -536,7 +553,8 @@ class ShmReader:
 
     def _frames_of(self, header: Header) -> shared_memory.SharedMemory | None:
         """The frame segment of the header's generation, checked to hold every buffer."""
-        if self._frames is None or self._frames_generation != header.generation:
+        key = (header.writer_session, header.generation)
+        if self._frames is None or self._frames_key != key:
             self._close_frames()
             try:
                 self._frames = _attach(frame_segment_name(self.name, header.generation))
@@ -547,7 +565,7 @@ class ShmReader:
                     f"Frame segment of {self.name!r} cannot be mapped ({error}); "
                     "restart the writer."
                 ) from None
-            self._frames_generation = header.generation
+            self._frames_key = key
         if len(self._frames.buf) < header.frame_bytes_needed:
             raise ShmProtocolError(
                 f"Frame segment of {self.name!r} has {len(self._frames.buf)} bytes but its "
@@ -559,7 +577,7 @@ class ShmReader:
         if self._frames is not None:
             self._frames.close()
             self._frames = None
-            self._frames_generation = 0
+            self._frames_key = None
 
     def _detach(self) -> None:
         self._close_frames()
@@ -596,31 +614,44 @@ def _claim(name: str, stale_after: float) -> tuple[shared_memory.SharedMemory, i
     try:
         index = _create(name, INDEX_SEGMENT_SIZE)
     except FileExistsError:
+        pass
+    else:
+        _write_new_header(index, seq=0, buffer_seq=0)
+        return index, 0, 0, 0
+    try:
         index = _attach(name)
-        try:
-            previous = _previous_writer(index, name, stale_after)
-        except BaseException:
-            index.close()
-            raise
-        if previous is None:
-            generation = counter = buffer_seq = 0
-        else:
-            generation, counter = previous.generation, previous.frame_counter
-            # Keep sequence numbers growing so a reader that still copies an old buffer notices.
-            buffer_seq = max(previous.buffer_seqs) + 2 & ~1
-            _unlink_leftover(frame_segment_name(name, previous.generation))
-        _write_new_header(
-            index, seq=(previous.seq + 2 & ~1) if previous else 0, buffer_seq=buffer_seq
-        )
-        return index, generation, counter, buffer_seq
-    _write_new_header(index, seq=0, buffer_seq=0)
-    return index, 0, 0, 0
+    except ValueError:  # 0 bytes: another writer has created it and not yet sized it
+        raise ShmInUseError(
+            f"Shared-memory name {name!r} is being created by another writer; "
+            "close that writer or choose another name."
+        ) from None
+    try:
+        _check_previous_writer(index, name, stale_after)
+    except BaseException:
+        index.close()
+        raise
+    # Counters only grow, even past a header that fails validation: read them where they lie.
+    buf = index.buf
+    seq = _U64.unpack_from(buf, _SEQ)[0]
+    generation = _U32.unpack_from(buf, _META)[0]
+    counter = _U64.unpack_from(buf, _COUNTER)[0]
+    seqs = [_U64.unpack_from(buf, BUFFER_SEQ_OFFSET + 8 * i)[0] for i in range(MAX_BUFFERS)]
+    buffer_seq = _grown(max(seqs)) + 1 & ~1
+    _write_new_header(index, seq=_grown(seq) + 1 & ~1, buffer_seq=buffer_seq)
+    if generation:
+        _unlink_leftover(frame_segment_name(name, generation))
+    return index, generation, _grown(counter) - 1, buffer_seq
 
 
-def _previous_writer(
+def _grown(value: int) -> int:
+    """`value + 1`, or 1 where a stray value leaves no room to keep counting."""
+    return value + 1 if value < _COUNTER_LIMIT else 1
+
+
+def _check_previous_writer(
     index: shared_memory.SharedMemory, name: str, stale_after: float
-) -> Header | None:
-    """The header a dead writer left (None if unreadable); raise if that writer still lives.
+) -> None:
+    """Raise unless the index segment was left by a writer that is gone.
 
     Liveness is judged from the owner fields alone, which every version keeps at the same
     offsets, so a live writer of another protocol version is refused rather than overwritten.
@@ -633,7 +664,7 @@ def _previous_writer(
         )
     magic, _, _, flags, pid, _, heartbeat, _ = _OWNER_FIELDS.unpack_from(buf, 0)
     if magic == bytes(8):
-        return None  # its writer died while creating it
+        return  # its writer died while creating it
     if magic != MAGIC:
         raise ShmProtocolError(
             f"Shared-memory segment {name!r} belongs to another program; pick another name."
@@ -643,10 +674,6 @@ def _previous_writer(
             f"Shared-memory name {name!r} is already used by a live writer (pid {pid}); "
             "close that writer or choose another name."
         )
-    try:
-        return parse_header(bytes(buf[: BUFFER_SEQ_OFFSET + 8 * MAX_BUFFERS]), len(buf))
-    except ShmProtocolError:
-        return None
 
 
 def _is_live(
@@ -683,13 +710,18 @@ def _process_exists(pid: int) -> bool:
 
 
 def _write_new_header(index: shared_memory.SharedMemory, seq: int, buffer_seq: int) -> None:
-    """Write a header with no frame yet (generation 0); the magic goes last."""
+    """Write a header with no frame yet (generation 0) under an odd `seq`; `seq` is even.
+
+    A magic already in place stays (readers of a taken-over segment never see it vanish); a
+    new segment gets it last. Everything past the header, to the segment's end, is zeroed.
+    """
     buf = index.buf
     _U64.pack_into(buf, _SEQ, seq + 1)
+    header_size = BUFFER_SEQ_OFFSET + 8 * WRITER_BUFFERS
     buf[:_META] = _OWNER_FIELDS.pack(
-        bytes(8),
+        bytes(buf[:8]),
         VERSION,
-        BUFFER_SEQ_OFFSET + 8 * WRITER_BUFFERS,
+        header_size,
         0,
         os.getpid(),
         WRITER_BUFFERS,
@@ -699,6 +731,7 @@ def _write_new_header(index: shared_memory.SharedMemory, seq: int, buffer_seq: i
     buf[_META:FIXED_HEADER_SIZE] = bytes(FIXED_HEADER_SIZE - _META)  # generation 0: no frame
     for i in range(WRITER_BUFFERS):
         _U64.pack_into(buf, BUFFER_SEQ_OFFSET + 8 * i, buffer_seq)
+    buf[header_size:] = bytes(len(buf) - header_size)  # reserved: zero
     _U64.pack_into(buf, _SEQ, seq + 2)
     buf[:8] = MAGIC
 

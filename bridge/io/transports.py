@@ -68,14 +68,17 @@ class TransportUri:
         return value
 
 
-def parse_uri(uri: str) -> TransportUri:
-    """Split a transport URI; an unknown scheme or option raises ValueError naming what is known."""
+def parse_uri(uri: str, role: str | None = None) -> TransportUri:
+    """Split a transport URI; an unknown scheme raises ValueError naming the known ones.
+
+    With `role` ("source" or "sink") the message names only the schemes that can play it.
+    """
     scheme, _, target = uri.strip().partition(":")
     scheme = scheme.lower()
     if scheme not in _SCHEMES:
-        raise ValueError(
-            f"Unknown transport {scheme!r} in {uri!r}; known schemes are {', '.join(SCHEMES)}."
-        )
+        known = SCHEMES if role is None else _schemes_for(role)
+        what = "transport" if role is None else role
+        raise ValueError(f"Unknown {what} {scheme!r} in {uri!r}; {what}s are {', '.join(known)}.")
     options: dict[str, str] = {}
     if "?" in target:
         target, _, query = target.rpartition("?")
@@ -145,16 +148,25 @@ def open_sink(uri: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
     return sink
 
 
+def _schemes_for(role: str) -> list[str]:
+    return [
+        name
+        for name, s in _SCHEMES.items()
+        if (s.source_options if role == "source" else s.sink_options) is not None
+    ]
+
+
+def check_uri(uri: str, role: str) -> TransportUri:
+    """Parse `uri` as a source or sink without opening it; ValueError says what is wrong."""
+    return _parse_for(uri, role)
+
+
 def _parse_for(uri: str, role: str) -> TransportUri:
-    parsed = parse_uri(uri)
+    parsed = parse_uri(uri, role)
     scheme = _SCHEMES[parsed.scheme]
     allowed = scheme.source_options if role == "source" else scheme.sink_options
     if allowed is None:
-        fitting = [
-            name
-            for name, s in _SCHEMES.items()
-            if (s.source_options if role == "source" else s.sink_options) is not None
-        ]
+        fitting = _schemes_for(role)
         raise ValueError(f"{parsed.scheme!r} cannot be a {role}; {role}s are {', '.join(fitting)}.")
     unknown = sorted(set(parsed.options) - allowed)
     if unknown:

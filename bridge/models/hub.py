@@ -1,8 +1,9 @@
 """Finding a model on disk: synthetic names, local paths and Hugging Face ids, offline first.
 
-A Hugging Face id is looked up in the local cache before anything else. Only when it is missing
-and ``HF_HUB_OFFLINE`` is not set is it downloaded, and then only the files a diffusers pipeline
-loads (repositories also carry single-file checkpoints and fp16 copies worth gigabytes).
+A Hugging Face id is looked up in the local cache only: loading a model makes no network
+connection unless the caller asks for one with ``download=True`` (and ``HF_HUB_OFFLINE`` is not
+set). A download then fetches only the files a diffusers pipeline loads (repositories also carry
+single-file checkpoints and fp16 copies worth gigabytes).
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def hf_snapshot(
     cache_dir: str | Path | None = None,
     *,
     context: str = "",
+    download: bool = False,
 ) -> Path:
-    """Local folder of ``repo_id``: from the cache, else downloaded unless offline.
+    """Local folder of ``repo_id`` from the cache; downloaded only if ``download`` is true.
 
     ``files`` are the glob patterns to download when the repository is not cached yet;
     ``context`` follows the id in the error message, to say why it was wanted.
@@ -89,6 +91,11 @@ def hf_snapshot(
     except FileNotFoundError:
         pass
     fetch = fetch_command(repo_id, files)
+    if not download:
+        raise FileNotFoundError(
+            f"{repo_id!r}{context} is not in the Hugging Face cache at {cache}, and models are "
+            f"never downloaded unless asked (download=True); fetch it with `{fetch}`."
+        )
     if hf_offline():
         raise FileNotFoundError(
             f"{repo_id!r}{context} is not in the Hugging Face cache at {cache}, and HF_HUB_OFFLINE "
@@ -107,12 +114,17 @@ def hf_snapshot(
 
 
 def resolve_path(
-    name: str | PathLike[str], files: Sequence[str], cache_dir: str | Path | None = None
+    name: str | PathLike[str],
+    files: Sequence[str],
+    cache_dir: str | Path | None = None,
+    *,
+    download: bool = False,
 ) -> Path:
     """Local path of ``name``: a ``synthetic:`` model, an existing file or folder, or a hub id.
 
-    ``files`` are the patterns to download if ``name`` is a hub id that is not cached yet.
-    ``cache_dir``, when given, holds both the hub cache and a ``synthetic`` folder.
+    ``files`` are the patterns to download if ``name`` is a hub id that is not cached yet and
+    ``download`` allows it. ``cache_dir``, when given, holds both the hub cache and a
+    ``synthetic`` folder.
     """
     name = os.fspath(name)
     bare = synthetic_name(name)
@@ -124,13 +136,15 @@ def resolve_path(
         return path.resolve()
     if is_hf_id(name):
         context = f", which is no local path ({path.absolute()}),"
-        return hf_snapshot(name, files, cache_dir, context=context)
+        return hf_snapshot(name, files, cache_dir, context=context, download=download)
     raise FileNotFoundError(
         f"No model at {name!r}: {path.absolute()} does not exist and {name!r} is not a "
         "Hugging Face id such as 'stabilityai/sd-turbo'."
     )
 
 
-def resolve_model_path(model: str | PathLike[str], cache_dir: str | Path | None = None) -> Path:
+def resolve_model_path(
+    model: str | PathLike[str], cache_dir: str | Path | None = None, *, download: bool = False
+) -> Path:
     """Local path of a Stable Diffusion model: a synthetic name, a file or folder, or a hub id."""
-    return resolve_path(model, PIPELINE_FILES, cache_dir)
+    return resolve_path(model, PIPELINE_FILES, cache_dir, download=download)

@@ -8,8 +8,8 @@
   ``tokenizer`` and ``scheduler`` subfolders);
 - a single ``.safetensors`` or ``.ckpt`` checkpoint in the original (CompVis/LDM) key layout,
   converted by diffusers with the configuration of a diffusers model of the same architecture;
-- a Hugging Face id such as ``stabilityai/sd-turbo``, taken from the local cache first
-  (:mod:`bridge.models.hub`).
+- a Hugging Face id such as ``stabilityai/sd-turbo``, taken from the local cache; nothing is
+  downloaded unless ``download=True`` (:mod:`bridge.models.hub`).
 
 Whatever the scheduler of the model, the stream pipeline gets an LCMScheduler built from its
 configuration: StreamDiffusion denoises with LCM's consistency step.
@@ -76,6 +76,7 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
     config: str | PathLike[str] | None = None,
+    download: bool = False,
 ) -> Components:
     """Load ``model`` and return its components on ``device`` in ``dtype``, frozen, in eval mode.
 
@@ -95,6 +96,8 @@ def load_components(
         config: for a single-file checkpoint, a diffusers folder or id with the same architecture
             whose configuration describes it; by default the family's reference repository
             (``CONFIG_REPOS``) from the Hugging Face cache.
+        download: fetch Hugging Face ids (the model, its configuration, the VAE) that are not
+            in the cache; by default loading makes no network connection.
 
     Raises:
         FileNotFoundError: the model, its configuration, the VAE or a LoRA file is nowhere to be
@@ -103,9 +106,9 @@ def load_components(
     """
     model = os.fspath(model)
     adapters = check_loras(([(lcm_lora, 1.0)] if lcm_lora is not None else []) + list(loras))
-    path = resolve_model_path(model, cache_dir)
+    path = resolve_model_path(model, cache_dir, download=download)
     if path.is_file():
-        components = _load_single_file(path, model, config, cache_dir, dtype)
+        components = _load_single_file(path, model, config, cache_dir, dtype, download)
     elif config is not None:
         raise ValueError(
             f"config={config!r} only applies to single-file checkpoints, and {model!r} is a "
@@ -114,7 +117,9 @@ def load_components(
     else:
         components = _load_folder(path, model, dtype)
     if vae is not None:
-        components.vae = _load_vae(os.fspath(vae), components.family, path, cache_dir, dtype)
+        components.vae = _load_vae(
+            os.fspath(vae), components.family, path, cache_dir, dtype, download
+        )
 
     components.unet.to(device)
     components.vae.to(device)
@@ -151,12 +156,20 @@ def _load_folder(folder: Path, model: str, dtype: torch.dtype) -> Components:
         )
     source = model if model == str(folder) else f"{model} ({folder})"
     _require_supported(family_of_config(UNet2DConditionModel.load_config(folder / "unet")), source)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", torch_dtype=dtype, local_files_only=True
+    )
     return Components(
         unet=unet,
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        vae=AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", torch_dtype=dtype, local_files_only=True
+        ),
+        text_encoder=CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", local_files_only=True
+        ),
+        tokenizer=CLIPTokenizer.from_pretrained(
+            folder, subfolder="tokenizer", local_files_only=True
+        ),
         scheduler=_lcm_scheduler(folder / "scheduler"),
         family=family_of(unet),
         source=source,
@@ -198,6 +211,7 @@ def _load_single_file(
     config: str | PathLike[str] | None,
     cache_dir: str | Path | None,
     dtype: torch.dtype,
+    download: bool,
 ) -> Components:
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ValueError(
@@ -209,10 +223,14 @@ def _load_single_file(
         _require_supported(family, str(path))
         purpose = f"the configuration of {family} checkpoint {path.name} (config= picks another)"
         config_folder = hf_snapshot(
-            CONFIG_REPOS[family], CONFIG_FILES, cache_dir, context=f", {purpose},"
+            CONFIG_REPOS[family],
+            CONFIG_FILES,
+            cache_dir,
+            context=f", {purpose},",
+            download=download,
         )
     else:
-        config_folder = resolve_path(config, CONFIG_FILES, cache_dir)
+        config_folder = resolve_path(config, CONFIG_FILES, cache_dir, download=download)
     pipeline = StableDiffusionPipeline.from_single_file(
         str(path),
         config=str(config_folder),
@@ -235,7 +253,12 @@ def _load_single_file(
 
 
 def _load_vae(
-    vae: str, family: str, model_path: Path, cache_dir: str | Path | None, dtype: torch.dtype
+    vae: str,
+    family: str,
+    model_path: Path,
+    cache_dir: str | Path | None,
+    dtype: torch.dtype,
+    download: bool,
 ) -> AutoencoderKL | AutoencoderTiny:
     if vae == "tiny":
         own = model_path / TAESD_SUBFOLDER
@@ -247,9 +270,10 @@ def _load_vae(
                 AUTOENCODER_FILES,
                 cache_dir,
                 context=f", the tiny VAE of {family} models,",
+                download=download,
             )
     else:
-        folder = resolve_path(vae, AUTOENCODER_FILES, cache_dir)
+        folder = resolve_path(vae, AUTOENCODER_FILES, cache_dir, download=download)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     config_file = folder / "config.json"
@@ -264,4 +288,6 @@ def _load_vae(
             f"VAE {vae!r} is a {class_name}; pass an AutoencoderKL or AutoencoderTiny "
             '("tiny" picks TAESD).'
         )
-    return AUTOENCODERS[class_name].from_pretrained(folder, torch_dtype=dtype)
+    return AUTOENCODERS[class_name].from_pretrained(
+        folder, torch_dtype=dtype, local_files_only=True
+    )

@@ -4,16 +4,21 @@ Each synthetic model is written once as an ordinary diffusers folder (``model_in
 ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` subfolders, safetensors
 weights) and then loaded by the same code that loads a downloaded model. A ``taesd`` subfolder
 holds the matching tiny autoencoder. Speed depends on the architecture, not on the weight values,
-so benchmarks on these models are honest; their images are noise.
+so benchmarks on these models are honest.
+
+The weights are random except for a few layers set by :mod:`bridge.models.passthrough`, so that a
+picture gets through: both autoencoders round-trip images approximately (blurred to the latent
+grid), and the UNet removes most of the noise it is given and tints the picture by the prompt.
+img2img output therefore follows its input, and two prompts give visibly different outputs.
 
 The architectures:
 
 ``synthetic:tiny`` (float32 weights, a 64x64 frame in well under a second on a CPU)
     UNet: block_out_channels (32, 64), layers_per_block 1, CrossAttnDownBlock2D + DownBlock2D,
     UpBlock2D + CrossAttnUpBlock2D, 4 attention heads, cross_attention_dim 32, sample_size 8,
-    norm_num_groups 32. VAE: AutoencoderKL with block_out_channels (16, 32, 32, 32) (three
-    downsamplings: latents are 1/8 of the pixels), layers_per_block 1, norm_num_groups 16,
-    4 latent channels. TAESD: AutoencoderTiny with 16 channels and one block per level, three
+    norm_num_groups 8. VAE: AutoencoderKL with block_out_channels (16, 32, 32, 32) (three
+    downsamplings: latents are 1/8 of the pixels), layers_per_block 1, norm_num_groups 4,
+    4 latent channels. TAESD: AutoencoderTiny with 8 channels and one block per level, three
     downsamplings, 4 latent channels. Text encoder: CLIP with hidden size 32, 2 layers, 4 heads,
     intermediate size 64.
 
@@ -62,10 +67,11 @@ from bridge.models.clip_vocab import (
     find_open_clip_bpe,
     write_clip_tokenizer,
 )
+from bridge.models.passthrough import kl_passthrough, taesd_passthrough, unet_passthrough
 
 SYNTHETIC_PREFIX = "synthetic:"
 # Bump when a recipe below changes, so cached folders built from the old one are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TAESD_SUBFOLDER = "taesd"
 CACHE_ENV = "SD_BRIDGE_CACHE"
 
@@ -144,7 +150,8 @@ SPECS: Mapping[str, SyntheticSpec] = {
             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
             "block_out_channels": (32, 64),
             "layers_per_block": 1,
-            "norm_num_groups": 32,
+            # Four channels per group at the first level, as the see-through weights need.
+            "norm_num_groups": 8,
             "attention_head_dim": 4,
             "cross_attention_dim": 32,
         },
@@ -156,13 +163,14 @@ SPECS: Mapping[str, SyntheticSpec] = {
             "up_block_types": ("UpDecoderBlock2D",) * 4,
             "block_out_channels": (16, 32, 32, 32),
             "layers_per_block": 1,
-            "norm_num_groups": 16,
+            "norm_num_groups": 4,
             "latent_channels": 4,
             "scaling_factor": 0.18215,
         },
         taesd={
-            "encoder_block_out_channels": (16, 16, 16, 16),
-            "decoder_block_out_channels": (16, 16, 16, 16),
+            # Eight channels keep the CPU demo fast: the full-resolution convolutions dominate.
+            "encoder_block_out_channels": (8, 8, 8, 8),
+            "decoder_block_out_channels": (8, 8, 8, 8),
             "num_encoder_blocks": (1, 1, 1, 1),
             "num_decoder_blocks": (1, 1, 1, 1),
             "latent_channels": 4,
@@ -270,14 +278,17 @@ def ensure_synthetic(name: str, root: str | Path | None = None) -> Path:
 
 
 def write_synthetic(spec: SyntheticSpec, folder: Path) -> None:
-    """Write a diffusers folder for ``spec`` with seeded random weights into ``folder``."""
+    """Write a diffusers folder for ``spec`` with seeded see-through weights into ``folder``."""
     vocabulary = write_clip_tokenizer(folder / "tokenizer", find_open_clip_bpe())
-    LCMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+    scheduler = LCMScheduler(**SD_SCHEDULER)
+    scheduler.save_pretrained(folder / "scheduler")
 
     builders = {
-        "unet": lambda: UNet2DConditionModel(**spec.unet),
-        "vae": lambda: AutoencoderKL(**spec.vae),
-        TAESD_SUBFOLDER: lambda: AutoencoderTiny(**spec.taesd),
+        "unet": lambda: unet_passthrough(
+            UNet2DConditionModel(**spec.unet), _SEEDS["unet"], scheduler.alphas_cumprod
+        ),
+        "vae": lambda: kl_passthrough(AutoencoderKL(**spec.vae)),
+        TAESD_SUBFOLDER: lambda: taesd_passthrough(AutoencoderTiny(**spec.taesd)),
         "text_encoder": lambda: CLIPTextModel(text_encoder_config(spec, vocabulary)),
     }
     for subfolder, build in builders.items():

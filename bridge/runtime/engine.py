@@ -3,6 +3,11 @@
 Between two frames the engine takes one snapshot of the parameter store and applies what
 changed, so a burst of OSC messages never leaves the pipeline half-updated. Prompts are encoded
 on a worker thread and swapped in when ready; fades move a little every frame.
+
+With `frame_buffer_size` f > 1 a step takes f input frames. The batch fills across loop
+iterations, one frame per look at the input slot, so a live source at any rate fills it; a
+partial batch is thrown away (and counted as drops) only when the input goes away or the frame
+size changes. Whether the input is gone is judged on frames arriving, not on batches launched.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from bridge.control import ParamStore, Snapshot
+from bridge.control.params import STREAM_PARAMS
 from bridge.io import Frame, Sink, Source, now
 from bridge.stream import StreamDiffusion
 
@@ -27,19 +33,10 @@ from .workers import CountingSlot, SinkWorker, SourceWorker
 
 log = logging.getLogger("sd_bridge")
 
-# Store names and the pipeline settings they drive.
-STREAM_SETTINGS = {
-    "guidance_scale": "guidance_scale",
-    "delta": "delta",
-    "cfg_type": "cfg_type",
-    "t_index_list": "t_index_list",
-    "num_inference_steps": "num_inference_steps",
-    "do_add_noise": "do_add_noise",
-    "filter_enable": "similarity_filter",
-    "filter_threshold": "similarity_threshold",
-    "filter_max_skip": "max_skip_frames",
-}
 JOIN_SECONDS = 1.0
+# A sink that writes nothing for this long while finishing is left behind (a recording is
+# given as long as it needs, provided it makes progress).
+SINK_STALL_SECONDS = 2.0
 
 
 INPUT_LOSS_POLICIES = ("last", "black")
@@ -48,7 +45,12 @@ MAX_FAILED_STEPS = 20
 
 @dataclass
 class EngineHooks:
-    """Where the engine reports to: the status line and the OSC feedback, all optional."""
+    """Where the engine reports to: the status line and the OSC feedback, all optional.
+
+    `error(address, sentence)` shows and sends a sentence; without it the engine logs the
+    sentence itself, so each is printed once. `input_state` gets "waiting" (no frame since the
+    start), "lost" (no frame for `input_loss_after` seconds) and "ok" (frames arrive again).
+    """
 
     status: Callable[[Status], None] | None = None
     error: Callable[[str, str], None] | None = None
@@ -73,7 +75,7 @@ class Engine:
         hold_fps: float = 30.0,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
-            raise ValueError("img2img needs an input; give --input or use --mode txt2img.")
+            raise ValueError('img2img needs a source; pass one, or use mode="txt2img".')
         if on_input_loss not in INPUT_LOSS_POLICIES:
             raise ValueError(
                 f"on_input_loss must be one of {', '.join(INPUT_LOSS_POLICIES)}, "
@@ -100,22 +102,31 @@ class Engine:
         self._reported_skips = 0
         self._sink_workers: list[SinkWorker] = []
         self._pending: PendingFrames | None = None
+        self._finish = threading.Event()
+        self._batch: list[Frame] = []
+        self._delivered = 0
         self._last_frame: Frame | None = None
-        self._last_input_at: float | None = None
-        self._input_lost = False
+        self._last_input_at = now()
+        self._input_state = "starting"
         self._next_hold = 0.0
         self._good = stream.config
         self._failed_steps = 0
 
     def run(self, stop: threading.Event, max_frames: int | None = None) -> int:
-        """Process frames until `stop` is set or after `max_frames` outputs; return the count."""
-        self._sink_workers = [SinkWorker(sink, self.metrics, stop) for sink in self.sinks]
-        workers: list[threading.Thread] = list(self._sink_workers)
+        """Process frames until `stop` is set or after `max_frames` outputs; return the count.
+
+        On return every sink has written every frame counted (unless it stalled for
+        SINK_STALL_SECONDS) and is closed.
+        """
+        self._finish.clear()
+        self._sink_workers = [SinkWorker(sink, self.metrics, self._finish) for sink in self.sinks]
+        workers: list[threading.Thread] = []
         if self.source is not None:
             workers.append(SourceWorker(self.source, self.input_slot, stop))
         self._prompts.start()
-        for worker in workers:
+        for worker in [*self._sink_workers, *workers]:
             worker.start()
+        self._last_input_at = now()
         self.apply(self.store.snapshot())
         produced = 0
         next_status = now() + self.status_interval
@@ -129,8 +140,8 @@ class Engine:
                 except ValueError as error:  # a change the store allowed but the stream refused
                     self._prompt_fade = self._noise_fade = None
                     self._report_error("/sd", str(error))
-                if self._step():
-                    produced += 1
+                room = None if max_frames is None else max_frames - produced
+                produced += self._step(room)
                 if now() >= next_status:
                     self._report_status()
                     next_status = now() + self.status_interval
@@ -138,9 +149,9 @@ class Engine:
             if self._pending is not None:
                 self._deliver(self._pending)
                 self._pending = None
-            self._wait_for_sinks()
             stop.set()
             self._prompts.stop()
+            self._finish_sinks()
             deadline = now() + JOIN_SECONDS
             for worker in workers:
                 worker.join(max(0.0, deadline - now()))
@@ -152,8 +163,9 @@ class Engine:
         changed = set(snapshot.values) if first else snapshot.changed_since(self._applied)
         self._applied = snapshot.version
         self.paused = bool(snapshot["pause"])
+        # The seed is the one pipeline field that goes through a fade of its own.
         settings = {
-            target: snapshot[name] for name, target in STREAM_SETTINGS.items() if name in changed
+            name: snapshot[name] for name in STREAM_PARAMS if name in changed and name != "seed"
         }
         if settings:
             try:
@@ -173,7 +185,8 @@ class Engine:
             self._prompts.request(str(snapshot["prompt"]), str(snapshot["negative_prompt"]), fade)
 
     def _change_seed(self, seed: int, fade_seconds: float) -> None:
-        if fade_seconds <= 0:
+        # Fresh and drifting noise replace the noise every frame, so a fade would go nowhere.
+        if fade_seconds <= 0 or self.stream.config.noise != "fixed":
             self._noise_fade = None
             self.stream.update(seed=seed)
             return
@@ -203,17 +216,23 @@ class Engine:
                 self._noise_fade = None
                 self.stream.update(seed=self._pending_seed)
 
-    def _step(self) -> bool:
-        """Launch the next frame, then deliver the previous one while the GPU works."""
+    def _step(self, room: int | None = None) -> int:
+        """Launch the next frames, then deliver the previous ones while the GPU works.
+
+        Returns how many frames were launched, at most `room` (the rest are dropped).
+        """
         launched = None if self.paused else self._launch_guarded()
+        if launched is not None and room is not None and len(launched.capture_times) > room:
+            self.metrics.count(drops=len(launched.capture_times) - room)
+            launched.capture_times = launched.capture_times[:room]
         if self._pending is not None:
             self._deliver(self._pending)
         self._pending = launched
         if self.paused:
             time.sleep(0.01)
         elif launched is None and self.source is not None:
-            self._hold_output()
-        return launched is not None
+            self._watch_input()
+        return 0 if launched is None else len(launched.capture_times)
 
     def _launch_guarded(self) -> PendingFrames | None:
         """A frame step that fails (out of GPU memory after a change, say) is not the end."""
@@ -238,37 +257,55 @@ class Engine:
         good = self._good
         if self.stream.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.stream.update(**{target: getattr(good, target) for target in STREAM_SETTINGS.values()})
-        self.store.set_many(
-            {name: getattr(good, target) for name, target in STREAM_SETTINGS.items()}
-        )
+        restored = {name: getattr(good, name) for name in STREAM_PARAMS}
+        self.stream.update(**restored)
+        self.store.set_many(restored)
         self._applied = self.store.version
         self._report_error("/sd", f"{error}; back to the last settings that worked.")
 
-    def _hold_output(self) -> None:
-        """While the input is gone, keep the outputs alive with the last frame or black."""
+    def _watch_input(self) -> None:
+        """No batch this time: say when the input is missing and keep the outputs alive."""
         at = now()
-        if self._last_frame is None or self._last_input_at is None:
-            return
         if at - self._last_input_at < self.input_loss_after:
             return
-        if not self._input_lost:
-            self._input_lost = True
+        if self._batch:  # too old to finish: it would join frames from before and after a gap
+            self.metrics.count(drops=len(self._batch))
+            self._batch = []
+        name = self.source.describe()
+        if self._input_state == "starting":
+            self._set_input_state("waiting", f"waiting for input {name}; no frame yet.")
+        elif self._input_state == "ok":
             what = "the last frame" if self.on_input_loss == "last" else "black"
-            name = self.source.describe()
-            self._report_error(
-                "/sd/input", f"input {name} is gone; sending {what} until it returns."
-            )
-            if self.hooks.input_state is not None:
-                self.hooks.input_state("lost")
-        if at < self._next_hold:
+            self._set_input_state("lost", f"input {name} is gone; sending {what} until it returns.")
+        if self._last_frame is None or at < self._next_hold:
             return
         self._next_hold = at + self.hold_period
         held = self._last_frame
         pixels = held.pixels if self.on_input_loss == "last" else _black_like(held)
-        frame = Frame(pixels, held.pixel_format, at, held.index)
+        # A held frame keeps its capture time: it shows the same moment again, so latency
+        # statistics skip it. Recordings get only the frames the engine made.
+        frame = Frame(pixels, held.pixel_format, held.capture_time, held.index)
         for worker in self._sink_workers:
-            worker.slot.put(frame)
+            if not worker.sink.keeps_every_frame:
+                worker.slot.put(frame)
+
+    def _set_input_state(self, state: str, sentence: str) -> None:
+        self._input_state = state
+        self._report_error("/sd/input", sentence)
+        if self.hooks.input_state is not None:
+            self.hooks.input_state(state)
+
+    def _input_arrived(self) -> None:
+        """A frame came from the source: note when, and say so if it had been missing."""
+        self._last_input_at = now()
+        if self._input_state in ("ok", "starting"):
+            self._input_state = "ok"
+            return
+        came = "is back" if self._input_state == "lost" else "delivers frames"
+        self._input_state = "ok"
+        log.warning("input %s %s.", self.source.describe(), came)
+        if self.hooks.input_state is not None:
+            self.hooks.input_state("ok")
 
     def _launch(self) -> PendingFrames | None:
         if self.stream.config.mode == "txt2img":
@@ -278,12 +315,7 @@ class Engine:
         batch = self._take_input()
         if batch is None:
             return None
-        started = self._last_input_at = now()
-        if self._input_lost:
-            self._input_lost = False
-            log.info("input %s is back", self.source.describe())
-            if self.hooks.input_state is not None:
-                self.hooks.input_state("ok")
+        started = now()
         pixel_format = batch[0].pixel_format
         stacked = np.stack([f.pixels for f in batch]) if len(batch) > 1 else batch[0].pixels
         output = self.stream.img2img(self.transfer.upload(stacked), pixel_format)
@@ -291,24 +323,39 @@ class Engine:
         return self.transfer.download(output, times, pixel_format, started)
 
     def _deliver(self, pending: PendingFrames) -> None:
-        pixels = pending.result()
-        self.metrics.frame_done(now() - pending.started)
+        pixels = pending.result()[: len(pending.capture_times)]
+        self.metrics.frame_done(now() - pending.started, len(pending.capture_times))
         for capture_time, image in zip(pending.capture_times, pixels, strict=True):
-            frame = Frame(image, pending.pixel_format, capture_time, self.metrics.frames)
+            frame = Frame(image, pending.pixel_format, capture_time, self._delivered)
+            self._delivered += 1
             for worker in self._sink_workers:
                 worker.slot.put(frame)
             self._last_frame = frame
 
     def _take_input(self) -> list[Frame] | None:
+        """The next full batch of `frame_buffer_size` frames, or None while it is filling.
+
+        Takes at most one frame per call, so the loop goes on applying changes and watching the
+        input between two frames of one batch.
+        """
+        frame = self.input_slot.take(timeout=min(0.05, self.hold_period / 2))
+        if frame is None:
+            return None
+        self._input_arrived()
+        batch = self._batch
+        if batch and frame.pixels.shape[:2] != batch[0].pixels.shape[:2]:
+            self.metrics.count(drops=len(batch))  # a new size cannot share a step with the old
+            batch.clear()
+        if batch and frame.pixel_format != batch[0].pixel_format:
+            frame = frame.to(batch[0].pixel_format)
+        batch.append(frame)
         wanted = self.stream.config.frame_buffer_size
-        batch: list[Frame] = []
-        while len(batch) < wanted:
-            frame = self.input_slot.take(timeout=min(0.05, self.hold_period / 2))
-            if frame is None:
-                return None
-            if batch and frame.pixel_format != batch[0].pixel_format:
-                frame = frame.to(batch[0].pixel_format)
-            batch.append(frame)
+        if len(batch) > wanted:  # frame_buffer_size went down: keep the newest frames
+            self.metrics.count(drops=len(batch) - wanted)
+            del batch[:-wanted]
+        if len(batch) < wanted:
+            return None
+        self._batch = []
         return batch
 
     def _report_status(self) -> None:
@@ -320,16 +367,25 @@ class Engine:
             self.hooks.status(self.metrics.status())
 
     def _report_error(self, address: str, sentence: str) -> None:
-        log.error("%s: %s", address, sentence)
         if self.hooks.error is not None:
             self.hooks.error(address, sentence)
+        else:
+            log.warning("%s", sentence)
 
-    def _wait_for_sinks(self) -> None:
-        """Give sinks a moment to write the last frames before they are stopped."""
-        deadline = now() + 0.3
+    def _finish_sinks(self) -> None:
+        """Let every sink write what it was given and close; wait while each makes progress."""
+        self._finish.set()
         for worker in self._sink_workers:
-            while worker.slot.has_unread() and now() < deadline:
-                time.sleep(0.005)
+            written = -1
+            while worker.is_alive() and worker.written != written:
+                written = worker.written
+                worker.join(SINK_STALL_SECONDS)
+            if worker.is_alive():
+                log.warning(
+                    "output %s wrote nothing for %.0f s while stopping; its last frames are lost.",
+                    worker.sink.describe(),
+                    SINK_STALL_SECONDS,
+                )
 
 
 def _black_like(frame: Frame) -> np.ndarray:

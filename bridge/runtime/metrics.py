@@ -41,20 +41,26 @@ class Metrics:
         self._latencies: deque[float] = deque(maxlen=window)
         self._step_times: deque[float] = deque(maxlen=window)
         self.frames = 0
+        self.latency_samples = 0
         self.drops = 0
         self.skips = 0
         self.sink_errors = 0
 
-    def frame_done(self, step_seconds: float) -> None:
-        """The engine produced a frame; `step_seconds` is the time its step took."""
+    def frame_done(self, step_seconds: float, frames: int = 1) -> None:
+        """The engine produced `frames` frames in one step that took `step_seconds`."""
         with self._lock:
-            self.frames += 1
-            self._done_at.append(now())
+            self.frames += frames
+            done = now()
+            self._done_at.extend([done] * frames)
             self._step_times.append(step_seconds)
 
     def delivered(self, capture_time: float) -> None:
-        """A sink wrote a frame captured at `capture_time` (seconds on `bridge.io.now`)."""
+        """A sink wrote a new frame captured at `capture_time` (seconds on `bridge.io.now`).
+
+        Call it once per capture: a frame shown again is no new latency sample.
+        """
         with self._lock:
+            self.latency_samples += 1
             self._latencies.append(now() - capture_time)
 
     def count(self, *, drops: int = 0, skips: int = 0, sink_errors: int = 0) -> None:

@@ -8,6 +8,7 @@ and the engine never waits on a sink: a slow neighbour costs dropped frames, nev
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -118,22 +119,31 @@ class SourceWorker(threading.Thread):
 
 
 class SinkWorker(threading.Thread):
-    """Writes the newest output frame to one sink; a failing sink never stops the others."""
+    """Writes the newest output frame to one sink; a failing sink never stops the others.
 
-    def __init__(self, sink: Sink, metrics: Metrics, stop: threading.Event) -> None:
+    Setting `finish` ends the thread once every frame already handed over is written (a
+    failing sink gives up at once instead of retrying), then closes the sink: a clean stop
+    loses no frame of a recording.
+    """
+
+    def __init__(self, sink: Sink, metrics: Metrics, finish: threading.Event) -> None:
         super().__init__(name=f"sink {sink.describe()}", daemon=True)
         self.sink = sink
         self.metrics = metrics
-        self.stop_event = stop
+        self.finish = finish
         drop = lambda: metrics.count(drops=1)  # noqa: E731
         self.slot = FrameQueue(drop) if sink.keeps_every_frame else CountingSlot(drop)
         self.written = 0
+        self._newest_capture = -math.inf
 
     def run(self) -> None:
         delay = RETRY_FIRST
-        while not self.stop_event.is_set():
-            frame = self.slot.take(timeout=0.1)
+        while True:
+            finishing = self.finish.is_set()
+            frame = self.slot.take(timeout=0.0 if finishing else 0.1)
             if frame is None:
+                if finishing:
+                    break
                 continue
             try:
                 if not self.sink.is_open:
@@ -143,12 +153,17 @@ class SinkWorker(threading.Thread):
                 self.metrics.count(sink_errors=1)
                 log.warning("output %s failed: %s", self.sink.describe(), error)
                 self._close_quietly()
-                self.stop_event.wait(delay)
+                if self.finish.wait(delay):
+                    break
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             delay = RETRY_FIRST
             self.written += 1
-            self.metrics.delivered(frame.capture_time)
+            # A frame held while the input is gone shows a moment already shown: it counts
+            # once in the latency statistics, when it was new.
+            if frame.capture_time > self._newest_capture:
+                self._newest_capture = frame.capture_time
+                self.metrics.delivered(frame.capture_time)
         self._close_quietly()
 
     def _close_quietly(self) -> None:

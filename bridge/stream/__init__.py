@@ -1,7 +1,7 @@
 """The StreamDiffusion algorithm: tensors and frames in, frames out; no I/O, no threads."""
 
-from .config import CFG_TYPES, MODES, StreamConfig
-from .frames import PIXEL_FORMATS
+from .config import CFG_TYPES, MODES, NOISE_MODES, StreamConfig
+from .frames import FORMAT_CHANNELS
 from .pipeline import StreamDiffusion, unet_batch_size
 from .prompts import PromptEncoder
 from .similarity import SimilarityFilter, skip_probability
@@ -9,7 +9,8 @@ from .similarity import SimilarityFilter, skip_probability
 __all__ = [
     "CFG_TYPES",
     "MODES",
-    "PIXEL_FORMATS",
+    "NOISE_MODES",
+    "FORMAT_CHANNELS",
     "PromptEncoder",
     "SimilarityFilter",
     "StreamConfig",

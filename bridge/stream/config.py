@@ -7,7 +7,11 @@ from dataclasses import dataclass, replace
 
 CFG_TYPES = ("none", "full", "self", "initialize")
 MODES = ("img2img", "txt2img")
+NOISE_MODES = ("fixed", "fresh", "drift")
 MAX_SIDE = 4096
+# A quarter turn (pi/2, written rounded up so that the documented 1.5708 is accepted): at that
+# angle a drift step lands on noise orthogonal to the last, as far as one step can usefully go.
+MAX_NOISE_DRIFT = 1.5708
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,15 @@ class StreamConfig:
     k * `frame_buffer_size` latents per call in stream-batch mode. `cfg_type` selects residual
     classifier-free guidance: "none" (batch k), "full" (2k, true negative prompt), "self" (k,
     the input itself as the negative) or "initialize" (k + 1, one real negative pass per frame).
+    `guidance_scale` at or below 1.0 turns guidance off for every cfg_type: each step uses the
+    conditional noise estimate alone (the batch layout, and so a captured graph, stays as it is).
+
+    `noise` says how the per-slot noise moves from frame to frame: "fixed" uses the seed's noise
+    every frame, "fresh" draws new noise every frame, "drift" turns the noise by `noise_drift`
+    radians a frame along the great circle towards newly drawn noise, keeping its norm. The same
+    noise serves both uses: the noise added to a new frame's latent (img2img) or that the frame
+    starts from (txt2img), and the re-noising between steps (`do_add_noise`). A change of `noise`
+    or `seed` starts again from the seed's noise; none of the three needs a new graph capture.
     """
 
     width: int = 512
@@ -31,6 +44,8 @@ class StreamConfig:
     use_denoising_batch: bool = True
     do_add_noise: bool = True
     seed: int = 2
+    noise: str = "fixed"
+    noise_drift: float = 0.05
     mode: str = "img2img"
     similarity_filter: bool = False
     similarity_threshold: float = 0.98
@@ -100,6 +115,9 @@ def validate(config: StreamConfig) -> None:
         )
     if config.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}.")
+    if config.noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)}, got {config.noise!r}.")
+    _check_float("noise_drift", config.noise_drift, 0.0, MAX_NOISE_DRIFT)
     _check_float("guidance_scale", config.guidance_scale, 0.0, 50.0)
     _check_float("delta", config.delta, 0.0, 10.0)
     _check_int("seed", config.seed, 0, 2**63 - 1)

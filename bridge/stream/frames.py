@@ -10,17 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PIXEL_FORMATS = {"rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}
+# Named apart from bridge.io's Frame and PIXEL_FORMATS: a frame here is a bare array.
+FORMAT_CHANNELS = {"rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}
 
-Frame = np.ndarray | torch.Tensor
+PixelArray = np.ndarray | torch.Tensor
 
 
-def channels_of(pixel_format: str) -> int:
+def format_channels(pixel_format: str) -> int:
     """The channel count of a pixel format, or ValueError listing the known formats."""
     try:
-        return PIXEL_FORMATS[pixel_format]
+        return FORMAT_CHANNELS[pixel_format]
     except KeyError:
-        known = ", ".join(PIXEL_FORMATS)
+        known = ", ".join(FORMAT_CHANNELS)
         raise ValueError(f"pixel format {pixel_format!r} is unknown; use one of {known}.") from None
 
 
@@ -30,7 +31,7 @@ def check_frame(frame: object, pixel_format: str, height: int, width: int, count
         raise ValueError(
             f"a frame must be a numpy array or a torch tensor, got {type(frame).__name__}."
         )
-    channels = channels_of(pixel_format)
+    channels = format_channels(pixel_format)
     if frame.dtype not in (np.uint8, torch.uint8):
         raise ValueError(f"a frame must be uint8, got dtype {frame.dtype}.")
     expected = (height, width, channels)
@@ -44,7 +45,7 @@ def check_frame(frame: object, pixel_format: str, height: int, width: int, count
         )
 
 
-def to_device_pixels(frame: Frame, device: torch.device) -> torch.Tensor:
+def to_device_pixels(frame: PixelArray, device: torch.device) -> torch.Tensor:
     """uint8 (N,)HxWxC frames as an (N, H, W, C) uint8 tensor on `device`."""
     if isinstance(frame, np.ndarray):
         frame = torch.from_numpy(np.ascontiguousarray(frame))
@@ -67,13 +68,13 @@ def from_model_output(images: torch.Tensor, pixel_format: str) -> torch.Tensor:
     pixels = pixels.permute(0, 2, 3, 1)
     if pixel_format.startswith("bgr"):
         pixels = pixels.flip(-1)
-    if channels_of(pixel_format) == 4:
+    if format_channels(pixel_format) == 4:
         alpha = torch.full_like(pixels[..., :1], 255)
         pixels = torch.cat([pixels, alpha], dim=-1)
     return pixels.contiguous()
 
 
-def like_input(pixels: torch.Tensor, reference: Frame) -> Frame:
+def like_input(pixels: torch.Tensor, reference: PixelArray) -> PixelArray:
     """Give the output back as the caller gave the input: numpy or tensor, one frame or a batch."""
     if reference.ndim == 3:
         pixels = pixels[0]

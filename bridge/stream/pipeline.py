@@ -13,16 +13,39 @@ and a frame moves to the next step as alpha' * x0_pred + beta' * noise'.
 
 Residual classifier-free guidance replaces the negative-prompt pass with a "virtual residual
 noise": the noise that would take x_t back to a reference latent x0_ref,
-    eps_ref = (x_t - alpha * x0_ref) / beta,
-    eps = delta * eps_ref + guidance_scale * (eps_cond - delta * eps_ref).
-For "self" x0_ref is the input frame's latent (zeros in txt2img). For "initialize" a real
-negative-prompt pass is made once per frame, at its first step: its noise is used directly there
-and its x0 prediction becomes the frame's x0_ref for the later steps. "full" runs the negative
-prompt at every step (eps = eps_neg + guidance_scale * (eps_cond - eps_neg)); "none" uses eps_cond.
+    eps_ref = (x_t - alpha * x0_ref) / beta,    eps_neg = delta * eps_ref,
+and guides with it as classifier-free guidance does with a real negative pass (the paper's
+RCFG, Eq. 5-7: eps = eps_neg + g * (eps_cond - eps_neg)), written here as
+    eps = eps_cond + (g - 1) * (eps_cond - eps_neg)
+so that g = 1 gives eps_cond exactly, not to float error. For "self" x0_ref is the input frame's
+latent (zeros in txt2img). For "initialize" a real negative-prompt pass is made once per frame,
+at its first step: its noise stands in for eps_ref there and its x0 prediction becomes the
+frame's x0_ref for the later steps. "full" runs the negative prompt at every step and uses its
+noise as eps_neg; "none" uses eps_cond.
+
+Guidance at or below 1 means no guidance, as in the original: g = max(guidance_scale, 1), so
+every cfg_type then uses eps_cond alone. The batch layout does not follow g (the negative pass of
+"full" and "initialize" still runs, and is weighted by g - 1 = 0), so a captured graph follows
+guidance across 1.0 without a new capture; "initialize" keeps its references current meanwhile.
+
+Noise. Each of the k*f stream-batch slots has its own noise n: a new frame starts from slot 0's
+noise (txt2img) or is noised with it (img2img: alpha_0 * x0_in + beta_0 * n), and the later slots
+re-noise frames between steps (`do_add_noise`). At the start of every frame step the noise moves:
+    n <- keep * n + turn * u + new * z,
+z newly drawn, u the part of z orthogonal to n scaled to n's norm, per slot. "fixed" is (1, 0, 0):
+the seed's noise every frame. "fresh" is (0, 0, 1). "drift" is (cos a, sin a, 0) with a =
+`noise_drift`: a step of a radians along the great circle from n towards z, which keeps the norm.
+The weights are a tensor overwritten in place, so a change of mode needs no new capture; z comes
+from the pipeline's own generator, which a captured graph registers so that every replay draws
+anew. A change of seed or mode starts again from the seed's noise with that generator re-seeded:
+one seed and mode give one sequence of frames (on one kind of device). The original's "stock
+noise" needs no state of its own: eps_ref is computed from x_t, so in img2img it equals, at a
+frame's first step, whatever noise the frame was given.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +53,7 @@ import torch
 
 from .config import StreamConfig
 from .frames import (
-    Frame,
+    PixelArray,
     check_frame,
     from_model_output,
     like_input,
@@ -53,12 +76,31 @@ _RESHAPING_FIELDS = frozenset(
     }
 )
 _FILTER_FIELDS = frozenset({"similarity_filter", "similarity_threshold", "max_skip_frames"})
+_NOISE_RESTART_FIELDS = frozenset({"seed", "noise"})
+# Later draws come from the seed moved by a fixed odd constant, so that they never repeat the
+# seed's own noise (which a drift step would then have no direction to turn to).
+_DRAW_SEED_OFFSET = 0x9E3779B97F4A7C15
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def unet_batch_size(cfg_type: str, steps: int, frames: int = 1) -> int:
     """Latents per UNet call in stream-batch mode: k, 2k, k or k+1 per frame."""
     per_frame = {"none": steps, "full": 2 * steps, "self": steps, "initialize": steps + 1}
     return per_frame[cfg_type] * frames
+
+
+def effective_guidance(guidance_scale: float) -> float:
+    """The guidance the steps apply: `guidance_scale`, or 1 (none) at or below 1."""
+    return max(guidance_scale, 1.0)
+
+
+def noise_weights(config: StreamConfig) -> tuple[float, float, float]:
+    """(keep, turn, new) of the per-frame noise move n <- keep * n + turn * u + new * z."""
+    if config.noise == "fresh":
+        return 0.0, 0.0, 1.0
+    if config.noise == "drift":
+        return math.cos(config.noise_drift), math.sin(config.noise_drift), 0.0
+    return 1.0, 0.0, 0.0
 
 
 class StreamDiffusion:
@@ -97,8 +139,12 @@ class StreamDiffusion:
         # so a CUDA graph captured over the step sees every change without re-capture.
         self._cond = self._embed(prompt).clone()
         self._uncond = self._embed(negative_prompt).clone()
-        self._guidance = torch.tensor(self.config.guidance_scale, device=self.device)
+        self._guidance_minus_one = torch.tensor(
+            effective_guidance(self.config.guidance_scale) - 1.0, device=self.device
+        )
         self._delta = torch.tensor(self.config.delta, device=self.device)
+        self._noise_weights = torch.tensor(noise_weights(self.config), device=self.device)
+        self._generator = torch.Generator(device=self.device)
         self._last_output: torch.Tensor | None = None
         self._last_format = ""
         self._rebuild()
@@ -153,13 +199,14 @@ class StreamDiffusion:
         config = self.config.with_changes(**changes)
         moved = {name for name in changes if getattr(config, name) != getattr(self.config, name)}
         self.config = config
-        self._guidance.fill_(config.guidance_scale)
+        self._guidance_minus_one.fill_(effective_guidance(config.guidance_scale) - 1.0)
         self._delta.fill_(config.delta)
+        self._noise_weights.copy_(torch.tensor(noise_weights(config)))
         if moved & _RESHAPING_FIELDS:
             self._rebuild()
             return
-        if "seed" in moved:
-            self._noise.copy_(self.noise_for_seed(config.seed))
+        if moved & _NOISE_RESTART_FIELDS:
+            self._restart_noise()
         if moved & _FILTER_FIELDS:
             self._filter = self._make_filter()
 
@@ -189,7 +236,11 @@ class StreamDiffusion:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors a frame step advances; saved and restored around graph warm-up."""
-        return [self._buffer, self._ref_buffer]
+        return [self._buffer, self._ref_buffer, self._noise]
+
+    def generators(self) -> list[torch.Generator]:
+        """The generators a frame step draws from: a graph registers them, warm-up restores them."""
+        return [self._generator]
 
     @property
     def unet_batch_size(self) -> int:
@@ -200,7 +251,7 @@ class StreamDiffusion:
     # ------------------------------------------------------------------- frames
 
     @torch.inference_mode()
-    def __call__(self, frame: Frame | None = None, pixel_format: str = "rgb") -> Frame:
+    def __call__(self, frame: PixelArray | None = None, pixel_format: str = "rgb") -> PixelArray:
         """Diffuse the next frame(s): uint8 (H, W, C) or (f, H, W, C), returned the same way.
 
         In txt2img mode `frame` is None and a (H, W, C) tensor on the device is returned
@@ -215,7 +266,7 @@ class StreamDiffusion:
         return self.img2img(frame, pixel_format)
 
     @torch.inference_mode()
-    def img2img(self, frame: Frame, pixel_format: str = "rgb") -> Frame:
+    def img2img(self, frame: PixelArray, pixel_format: str = "rgb") -> PixelArray:
         """Diffuse input frame(s) and return the finished ones in the same layout and container."""
         cfg = self.config
         check_frame(frame, pixel_format, cfg.height, cfg.width, cfg.frame_buffer_size)
@@ -272,6 +323,7 @@ class StreamDiffusion:
         if tuple(x0_in.shape) != expected:
             raise ValueError(f"latents of shape {tuple(x0_in.shape)} do not fit; need {expected}.")
         frames = self.config.frame_buffer_size
+        self._advance_noise()
         x_new = self._first_state(x0_in)
         if not self.config.use_denoising_batch:
             return self._denoise_sequentially(x_new, x0_in)
@@ -312,6 +364,29 @@ class StreamDiffusion:
             refs.append(x0_ref)
         self._buffer.copy_(torch.cat(states))
         self._ref_buffer.copy_(torch.cat(refs))
+
+    def _advance_noise(self) -> None:
+        """Move the per-slot noise on by one frame, in place: keep * n + turn * u + new * z.
+
+        Computed in float32, whatever the pipeline's dtype: the per-slot sums of squares would
+        overflow float16 at 512x512 and above.
+        """
+        noise = self._noise.float()
+        drawn = torch.randn(noise.shape, generator=self._generator, device=self.device)
+        dims = (1, 2, 3)
+        radius = torch.linalg.vector_norm(noise, dim=dims, keepdim=True)
+        along = (drawn * noise).sum(dims, keepdim=True) / (radius * radius).clamp_min(_TINY)
+        across = drawn - along * noise
+        # Scaled in this order so that a vanishing `across` stays finite (radius / tiny is inf).
+        length = torch.linalg.vector_norm(across, dim=dims, keepdim=True).clamp_min(_TINY)
+        across = across * radius / length
+        keep, turn, new = self._noise_weights
+        self._noise.copy_(keep * noise + turn * across + new * drawn)
+
+    def _restart_noise(self) -> None:
+        """Back to the seed's noise, and the generator of later draws re-seeded in place."""
+        self._noise.copy_(self.noise_for_seed(self.config.seed))
+        self._generator.manual_seed((self.config.seed + _DRAW_SEED_OFFSET) % 2**64)
 
     def _first_state(self, x0_in: torch.Tensor) -> torch.Tensor:
         noise = self._noise[: self.config.frame_buffer_size]
@@ -359,7 +434,7 @@ class StreamDiffusion:
             out = self._unet(x_both, torch.cat([t, t]), torch.cat([uncond, cond]))
             both = self._as_eps(out, x_both, alpha.repeat(2, 1, 1, 1), beta.repeat(2, 1, 1, 1))
             eps_neg, eps_cond = both.chunk(2)
-            eps = eps_neg + self._guidance * (eps_cond - eps_neg)
+            eps = self._guide(eps_cond, eps_neg)
         elif cfg.cfg_type == "initialize" and fresh:
             uncond = self._uncond.expand(fresh, -1, -1)
             x_all = torch.cat([x_t[:fresh], x_t])
@@ -370,8 +445,8 @@ class StreamDiffusion:
             ref_fresh = self._x0(eps_neg_fresh, x_t[:fresh], steps[:fresh])
             x0_ref = torch.cat([ref_fresh, x0_ref[fresh:]])
             eps_later = self._virtual_noise(x_t, x0_ref, alpha, beta)[fresh:]
-            eps_neg = torch.cat([eps_neg_fresh, eps_later])
-            eps = self._residual_guidance(eps_cond, eps_neg)
+            eps_neg = self._delta * torch.cat([eps_neg_fresh, eps_later])
+            eps = self._guide(eps_cond, eps_neg)
         else:
             out = self._unet(x_t, t, cond)
             eps_cond = self._as_eps(out, x_t, alpha, beta)
@@ -379,12 +454,12 @@ class StreamDiffusion:
                 eps = eps_cond
             else:
                 eps_ref = self._virtual_noise(x_t, x0_ref, alpha, beta)
-                eps = self._residual_guidance(eps_cond, eps_ref)
+                eps = self._guide(eps_cond, self._delta * eps_ref)
         return self._x0(eps, x_t, steps), x0_ref
 
-    def _residual_guidance(self, eps_cond: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
-        eps_neg = self._delta * eps_ref
-        return eps_neg + self._guidance * (eps_cond - eps_neg)
+    def _guide(self, eps_cond: torch.Tensor, eps_neg: torch.Tensor) -> torch.Tensor:
+        """eps_neg + g * (eps_cond - eps_neg), written so that g = 1 gives eps_cond exactly."""
+        return eps_cond + self._guidance_minus_one * (eps_cond - eps_neg)
 
     @staticmethod
     def _virtual_noise(
@@ -456,6 +531,7 @@ class StreamDiffusion:
         frames = cfg.frame_buffer_size
         latent_shape = (self.unet.config.in_channels, *cfg.latent_size)
         buffer_shape = ((cfg.denoising_steps - 1) * frames, *latent_shape)
+        noise_shape = (cfg.denoising_steps * frames, *latent_shape)
         fresh = {
             "_schedule": schedule,
             "_slot_steps": torch.arange(cfg.denoising_steps, device=self.device).repeat_interleave(
@@ -463,12 +539,13 @@ class StreamDiffusion:
             ),
             "_slot_alpha": schedule.per_slot("alpha", frames),
             "_slot_beta": schedule.per_slot("beta", frames),
-            "_noise": self.noise_for_seed(cfg.seed),
+            "_noise": torch.zeros(noise_shape, device=self.device, dtype=self.dtype),
             "_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
             "_ref_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
         }
         for name, value in fresh.items():
             _assign(self, name, value)
+        self._restart_noise()
         self._filter = self._make_filter()
         self.reset()
 

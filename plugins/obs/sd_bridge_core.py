@@ -2,22 +2,19 @@
 
 Standard library only: OBS runs scripts in its own Python, where nothing else is installed.
 OBS puts the script's folder on the import path, so `sd_bridge_obs.py` imports this file as
-`sd_bridge_core`.
+`sd_bridge_core`, and this file imports the process supervisor `sdb_supervisor` beside it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from sdb_supervisor import ProcessState
 
 OscArg = int | float | str | bool
 Message = tuple[str, list[OscArg]]
@@ -25,11 +22,8 @@ Message = tuple[str, list[OscArg]]
 TEXT_SETTLE = 0.6
 """Seconds a text field must rest before it is sent: OBS reports every keystroke."""
 RESUBSCRIBE_EVERY = 5.0
-"""Seconds between two `/sd/subscribe`: a restarted bridge has forgotten its subscribers."""
-STOP_GRACE = 5.0
-"""Seconds a stopping bridge gets to close its outputs before it is killed."""
-ERROR_PREFIX = "sd-bridge:"
-"""How the bridge starts the sentence it prints when it stops on an error."""
+"""Seconds between two `/sd/subscribe`: subscriptions expire, and a restarted bridge has
+forgotten its subscribers."""
 
 # OSC 1.0: big-endian numbers; strings NUL-terminated and padded to a multiple of 4 bytes.
 _INT = struct.Struct(">i")
@@ -253,6 +247,11 @@ class Controller:
         for address, args in self.link.receive():
             self._take(address, args)
 
+    def close(self) -> None:
+        """Unsubscribe from the bridge's status and close the link (the script unloads)."""
+        self.link.send([("/sd/unsubscribe", [self.link.local_port])])
+        self.link.close()
+
     def _take(self, address: str, args: list[OscArg]) -> None:
         fields = {
             "/sd/status/fps": "fps",
@@ -376,119 +375,6 @@ def _require_windows(platform: str, role: str) -> None:
             f"Spout exists on Windows only; pick another {role} on this system "
             "(a camera or the test pattern in, the virtual camera out)."
         )
-
-
-@dataclass(frozen=True)
-class ProcessState:
-    """Whether the child runs, and a short sentence for the status line."""
-
-    running: bool
-    text: str
-
-
-class BridgeProcess:
-    """One `sd-bridge run` child; stopping never blocks OBS.
-
-    `stop` asks the child to finish (Ctrl+C on macOS and Linux; Windows has no console to
-    deliver it to, so the child is terminated there) and `poll`, called from the script's
-    timer, kills it if it is still there `grace` seconds later. Output goes to `log_path`.
-    """
-
-    def __init__(self, log_path: Path, *, grace: float = STOP_GRACE) -> None:
-        self.log_path = Path(log_path)
-        self.grace = grace
-        self._child: subprocess.Popen[bytes] | None = None
-        self._kill_at: float | None = None
-        self._state = ProcessState(False, "stopped")
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id while it runs."""
-        return self._child.pid if self._child is not None else None
-
-    def start(self, command: Sequence[str]) -> None:
-        """Start the child, or raise RuntimeError if one runs or the Python cannot be found."""
-        if self.poll().running:
-            raise RuntimeError("The bridge is already running; stop it before starting it again.")
-        if shutil.which(command[0]) is None:
-            raise RuntimeError(
-                f"Python executable {command[0]!r} was not found; set it to the python of the "
-                "environment where streamdiffusion-bridge is installed."
-            )
-        environment = dict(os.environ, PYTHONUNBUFFERED="1")
-        options: dict[str, object] = (
-            {"creationflags": subprocess.CREATE_NO_WINDOW}
-            if sys.platform == "win32"
-            else {"start_new_session": True}
-        )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self._child = subprocess.Popen(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=environment,
-                **options,
-            )
-        self._kill_at = None
-        self._state = ProcessState(True, f"running (pid {self._child.pid})")
-
-    def stop(self) -> None:
-        """Ask the child to finish; `poll` kills it if it has not within `grace` seconds."""
-        if self._child is None or self._child.poll() is not None or self._kill_at is not None:
-            return
-        if sys.platform == "win32":
-            self._child.terminate()
-        else:
-            self._child.send_signal(signal.SIGINT)
-        self._kill_at = time.monotonic() + self.grace
-        self._state = ProcessState(True, f"stopping (pid {self._child.pid})")
-
-    def stop_and_wait(self) -> None:
-        """Stop the child and wait until it is gone (when OBS unloads the script)."""
-        self.stop()
-        if self._child is None:
-            return
-        try:
-            self._child.wait(timeout=self.grace)
-        except subprocess.TimeoutExpired:
-            self._child.kill()
-            self._child.wait()
-        self.poll()
-
-    def poll(self) -> ProcessState:
-        """Check on the child: kill it when its grace ran out, and tell how it ended."""
-        child = self._child
-        if child is None:
-            return self._state
-        code = child.poll()
-        if code is None:
-            if self._kill_at is None or time.monotonic() < self._kill_at:
-                return self._state
-            child.kill()
-            code = child.wait()
-        stopped_on_request = self._kill_at is not None
-        self._child = None
-        self._kill_at = None
-        if stopped_on_request or code == 0:
-            self._state = ProcessState(False, "stopped")
-        else:
-            self._state = ProcessState(False, f"exited with code {code}: {self._exit_reason()}")
-        return self._state
-
-    def _exit_reason(self) -> str:
-        """The bridge's last words: its error sentence, unwrapped, or else its last line."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-        lines = [line.strip() for line in text.splitlines()[-200:] if line.strip()]
-        for start in range(len(lines) - 1, -1, -1):
-            if lines[start].startswith(ERROR_PREFIX):
-                # A console narrower than the sentence wraps it over several lines.
-                return " ".join(lines[start:]).removeprefix(ERROR_PREFIX).strip()
-        return lines[-1] if lines else f"no output; see {self.log_path}"
 
 
 def status_line(state: ProcessState, status: BridgeStatus) -> str:

@@ -1,19 +1,21 @@
 """StreamDiffusion bridge for OBS Studio: start `sd-bridge run` and steer it from Tools > Scripts.
 
 Add this file in OBS's Scripts window (plugins/obs/README.md has the steps); keep
-`sd_bridge_core.py` in the same folder. The prompt, delta, guidance, seed and fades go to the
-bridge over OSC as they change; Start and Stop launch the bridge with the chosen input and
-output, and can also be bound to hotkeys in OBS's settings.
+`sd_bridge_core.py` and `sdb_supervisor.py` in the same folder. The prompt, delta, guidance,
+seed and fades go to the bridge over OSC as they change; Start and Stop launch the bridge with
+the chosen input and output, and can also be bound to hotkeys in OBS's settings.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import obspython as obs
 import sd_bridge_core as core
+import sdb_supervisor
 
 TICK_MS = 100
 HOTKEYS = (
@@ -23,7 +25,10 @@ HOTKEYS = (
 
 _settings = None
 _controller: core.Controller | None = None
-_process = core.BridgeProcess(Path(tempfile.gettempdir()) / "sd-bridge-obs.log")
+# One log per OBS process: a second OBS never truncates a log the first one's bridge writes.
+_process = sdb_supervisor.BridgeProcess(
+    Path(tempfile.gettempdir()) / f"sd-bridge-obs{os.getpid()}.log"
+)
 _hotkeys: dict[str, int] = {}
 _last_status = ""
 
@@ -141,7 +146,7 @@ def script_unload() -> None:
     obs.timer_remove(_tick)
     _process.stop_and_wait()
     if _controller is not None:
-        _controller.link.close()
+        _controller.close()
 
 
 def _start() -> None:
@@ -165,6 +170,8 @@ def _start() -> None:
         command = core.bridge_command(launch)
         if launch.input_kind == "obs_vcam" and not obs.obs_frontend_virtualcam_active():
             obs.obs_frontend_start_virtualcam()
+        # Keyed by the OSC port, which a bridge left behind by a crash of OBS would still hold.
+        _process.pid_path = Path(tempfile.gettempdir()) / f"sd-bridge-osc{launch.osc_port}.pid"
         _process.start(command)
     except (ValueError, RuntimeError) as error:
         _controller.status.last_error = str(error)

@@ -82,7 +82,7 @@ def test_oscsend_sets_true_false_and_several_ints(
     oscsend(port, "/sd/t_index", "iii", "20", "35", "45")
     oscsend(port, "/sd/delta", "d", "0.25")
     assert wait_until(lambda: store.get("delta") == 0.25)
-    assert store.get("filter_enable") is True
+    assert store.get("similarity_filter") is True
     assert store.get("t_index_list") == (20, 35, 45)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
@@ -14,10 +15,11 @@ from bridge.control import (
     OscPortInUseError,
     OscServer,
     ParamStore,
+    osc_server,
     parse_allow,
     parse_target,
 )
-from bridge.control.osc_server import MAX_SUBSCRIBERS
+from bridge.control.osc_server import MAX_SUBSCRIBERS, SUBSCRIPTION_SECONDS
 from bridge.control.params import PARAMS, Kind, Param, Value
 from tests.control.helpers import exchange, receive_all, wait_until
 
@@ -52,7 +54,7 @@ def test_true_and_false_tags_set_booleans(store: ParamStore, client: OscClient) 
     assert client.get("/sd/filter/enable") == [1]
     client.send("/sd/filter/enable", False)
     assert client.get("/sd/filter/enable") == [0]
-    assert store.get("filter_enable") is False
+    assert store.get("similarity_filter") is False
 
 
 def test_t_index_accepts_an_osc_array(store: ParamStore, client: OscClient) -> None:
@@ -141,7 +143,7 @@ def test_queries_in_a_bundle_see_its_changes(client: OscClient) -> None:
         ("/sd/t_index", [10, 60], "/sd/t_index", "each from 0 to num_inference_steps - 1"),
         ("/sd/num_inference_steps", [40], "/sd/num_inference_steps", "needs at least 46"),
         ("/sd/strength", [0.5], "/sd/strength", "unknown OSC address /sd/strength"),
-        ("/sd/get", ["/sd/strength"], "/sd/get", "send one parameter address or name"),
+        ("/sd/get", ["/sd/strength"], "/sd/get", "send one parameter address"),
         ("/sd/list", [1], "/sd/list", "send it bare"),
         ("/sd/subscribe", ["9000"], "/sd/subscribe", "send the port"),
         ("/sd/subscribe", [70000], "/sd/subscribe", "send the port"),
@@ -314,3 +316,109 @@ def test_a_flood_of_bad_datagrams_is_logged_at_a_bounded_rate(server, client, ca
     shown = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert 1 <= len(shown) <= 20
     assert server.stats.malformed == 300
+
+
+@pytest.mark.parametrize(
+    ("asked", "address"),
+    [
+        ("guidance", "/sd/guidance"),
+        ("guidance_scale", "/sd/guidance"),
+        ("/sd/guidance", "/sd/guidance"),
+        ("filter/enable", "/sd/filter/enable"),
+        ("filter_enable", "/sd/filter/enable"),
+        ("similarity_filter", "/sd/filter/enable"),
+        ("t_index", "/sd/t_index"),
+    ],
+)
+def test_get_takes_every_name_a_user_knows(asked: str, address: str, client: OscClient) -> None:
+    client.send("/sd/get", asked)
+    reply = client.receive(10.0)
+    assert reply is not None and reply[0] == "/sd/value" and reply[1][0] == address
+
+
+def test_subscribe_takes_a_whole_float_port_as_pure_data_sends_it(
+    server: OscServer, client: OscClient, listener: OscClient
+) -> None:
+    client.send("/sd/subscribe", float(listener.local_address[1]))
+    client.send("/sd/subscribe", 9000.5)
+    reply = client.receive(10.0)
+    assert reply is not None and reply[1][0] == "/sd/subscribe"
+    assert server.subscribers == (listener.local_address,)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_subscriptions_expire_unless_renewed(store: ParamStore) -> None:
+    clock = FakeClock()
+    with OscServer(store, port=0, clock=clock) as server, OscClient(*server.address) as client:
+        client.send("/sd/subscribe", 20001)
+        client.send("/sd/subscribe", 20002)
+        client.get("/sd/seed", timeout=10.0)
+        clock.now += SUBSCRIPTION_SECONDS - 1
+        client.send("/sd/subscribe", 20002)
+        client.get("/sd/seed", timeout=10.0)
+        clock.now += 2
+        assert server.subscribers == (("127.0.0.1", 20002),)
+        clock.now += SUBSCRIPTION_SECONDS
+        assert server.subscribers == ()
+
+
+def test_expired_subscriptions_free_their_places(store: ParamStore) -> None:
+    clock = FakeClock()
+    with OscServer(store, port=0, clock=clock) as server, OscClient(*server.address) as client:
+        for port in range(20000, 20000 + MAX_SUBSCRIBERS):
+            client.send("/sd/subscribe", port)
+        client.get("/sd/seed", timeout=10.0)
+        assert len(server.subscribers) == MAX_SUBSCRIBERS
+        clock.now += SUBSCRIPTION_SECONDS
+        client.send("/sd/subscribe", 30000)
+        client.get("/sd/seed", timeout=10.0)
+        assert server.subscribers == (("127.0.0.1", 30000),)
+
+
+def test_a_port_out_of_range_is_refused_naming_the_range_and_zero(store: ParamStore) -> None:
+    with pytest.raises(ValueError, match="from 1 to 65535, or 0 to let the system pick"):
+        OscServer(store, port=65536)
+
+
+def test_stop_returns_even_when_a_handler_is_stuck(
+    store: ParamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(changes: object) -> None:
+        entered.set()
+        release.wait(30)
+
+    monkeypatch.setattr(store, "set_many", stuck)
+    monkeypatch.setattr(osc_server, "STOP_TIMEOUT", 0.2)
+    server = OscServer(store, port=0)
+    server.start()
+    try:
+        with OscClient(*server.address) as client:
+            client.send("/sd/seed", 3)
+            assert entered.wait(10)
+        server.stop()
+        assert server.address[1] == 0  # stopped and released although the thread still runs
+    finally:
+        release.set()
+
+
+def test_receive_with_no_wait_returns_a_reply_that_has_already_arrived(client: OscClient) -> None:
+    client.send("/sd/get", "seed")
+    reply = None
+    for _ in range(2000):  # polling as a frame loop does; at most about 10 s
+        reply = client.receive(0)
+        if reply is not None:
+            break
+        time.sleep(0.005)
+    assert reply is not None and reply[0] == "/sd/value" and reply[1][0] == "/sd/seed"

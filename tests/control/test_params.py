@@ -10,10 +10,13 @@ import pytest
 from bridge.control.params import (
     PARAMS,
     PARAMS_BY_NAME,
+    SETTINGS,
+    SETTINGS_BY_KEY,
     Kind,
     ParamError,
     check_together,
     default_values,
+    find_param,
 )
 
 
@@ -38,9 +41,9 @@ def test_requested_addresses_and_defaults() -> None:
         "seed": ("/sd/seed", 2),
         "t_index_list": ("/sd/t_index", (32, 45)),
         "cfg_type": ("/sd/cfg", "self"),
-        "filter_enable": ("/sd/filter/enable", False),
-        "filter_threshold": ("/sd/filter/threshold", 0.98),
-        "filter_max_skip": ("/sd/filter/max_skip", 10),
+        "similarity_filter": ("/sd/filter/enable", False),
+        "similarity_threshold": ("/sd/filter/threshold", 0.98),
+        "max_skip_frames": ("/sd/filter/max_skip", 10),
         "pause": ("/sd/pause", False),
         "prompt_fade": ("/sd/prompt/fade", 0.0),
         "seed_fade": ("/sd/seed/fade", 0.0),
@@ -61,14 +64,14 @@ def test_only_batch_layout_params_change_shapes() -> None:
         ("delta", np.float32(0.5), 0.5),
         ("seed", 2.0, 2),
         ("seed", np.int64(7), 7),
-        ("filter_max_skip", 600, 600),
+        ("max_skip_frames", 600, 600),
         ("pause", True, True),
         ("pause", 1, True),
         ("pause", 0, False),
         ("pause", 1.0, True),
         ("cfg_type", "full", "full"),
         ("t_index_list", [0, 10.0, 49], (0, 10, 49)),
-        ("filter_threshold", 0.0, 0.0),
+        ("similarity_threshold", 0.0, 0.0),
         ("prompt", "x" * 1000, "x" * 1000),
     ],
 )
@@ -99,8 +102,8 @@ def test_accepted_values_are_coerced_to_the_param_type(name, given, stored) -> N
         ("pause", "T"),
         ("cfg_type", "SELF"),
         ("cfg_type", 1),
-        ("filter_threshold", 1.0),
-        ("filter_max_skip", 601),
+        ("similarity_threshold", 1.0),
+        ("max_skip_frames", 601),
         ("prompt", "x" * 1001),
         ("prompt", b"bytes"),
         ("t_index_list", []),
@@ -159,5 +162,30 @@ def test_t_index_entries_must_index_into_the_schedule() -> None:
     check_together(default_values() | {"num_inference_steps": 46}, {"num_inference_steps"})
 
 
-def test_every_kind_is_used_by_some_param() -> None:
-    assert {p.kind for p in PARAMS} == set(Kind)
+def test_every_kind_is_used_by_some_setting() -> None:
+    assert {p.kind for p in SETTINGS} == set(Kind)
+
+
+def test_a_string_list_takes_non_empty_strings_only() -> None:
+    output = SETTINGS_BY_KEY["output"]
+    assert output.validate(["null", "shm:a"]) == ("null", "shm:a")
+    for bad in (["null", ""], "null", ["null", 3], ["x"] * 17):
+        with pytest.raises(ParamError, match="output got"):
+            output.validate(bad)
+
+
+def test_an_int_that_must_be_a_multiple_says_so() -> None:
+    width = SETTINGS_BY_KEY["width"]
+    assert width.validate(264) == 264
+    with pytest.raises(ParamError) as raised:
+        width.validate(260)
+    assert raised.value.sentence == "width got 260; use an int from 8 to 4096, a multiple of 8."
+
+
+def test_find_param_takes_names_aliases_and_addresses() -> None:
+    for text in ("guidance_scale", "guidance", "/sd/guidance"):
+        assert find_param(text) is PARAMS_BY_NAME["guidance_scale"]
+    assert find_param("filter/enable") is PARAMS_BY_NAME["similarity_filter"]
+    assert find_param("filter_enable") is PARAMS_BY_NAME["similarity_filter"]
+    assert find_param("width") is None  # fixed at start: not a live parameter
+    assert find_param("/sd/nothing") is None

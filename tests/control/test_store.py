@@ -95,7 +95,7 @@ def test_readers_never_see_half_of_a_set_many() -> None:
             store.set_many(
                 {
                     "seed": n,
-                    "filter_max_skip": n % 600,
+                    "max_skip_frames": n % 600,
                     "num_inference_steps": steps if n % 2 else 50,
                     "t_index_list": [0, steps - 1],
                 }
@@ -106,7 +106,7 @@ def test_readers_never_see_half_of_a_set_many() -> None:
     try:
         for _ in range(20000):
             snap = store.snapshot()
-            assert snap["filter_max_skip"] == snap["seed"] % 600
+            assert snap["max_skip_frames"] == snap["seed"] % 600
             check_together(snap.values, ())
     finally:
         stop.set()

@@ -36,11 +36,23 @@ def test_uri_splits_into_scheme_target_and_options():
 
 def test_unknown_scheme_lists_every_known_one():
     with pytest.raises(ValueError) as refused:
-        open_source("rtsp://camera.local/stream", width=8, height=8)
+        parse_uri("rtsp://camera.local/stream")
     message = str(refused.value)
     assert message.startswith("Unknown transport 'rtsp'")
-    assert message.endswith(f"known schemes are {', '.join(SCHEMES)}.")
+    assert message.endswith(f"transports are {', '.join(SCHEMES)}.")
     assert set(SCHEMES) == {"spout", "cam", "vcam", "shm", "file", "pattern", "null"}
+
+
+def test_an_unknown_input_lists_only_the_schemes_that_can_be_inputs():
+    with pytest.raises(ValueError) as refused:
+        open_source("rtsp://camera.local/stream", width=8, height=8)
+    assert str(refused.value) == (
+        "Unknown source 'rtsp' in 'rtsp://camera.local/stream'; "
+        "sources are spout, cam, shm, file, pattern."
+    )
+    with pytest.raises(ValueError) as refused:
+        open_sink("screen:1", width=8, height=8)
+    assert str(refused.value).endswith("sinks are spout, vcam, shm, file, null.")
 
 
 def test_source_only_and_sink_only_schemes_say_which_ones_fit():

@@ -1,7 +1,9 @@
-"""Hugging Face ids: read from the local cache first, fetched only when allowed."""
+"""Hugging Face ids: read from the local cache, fetched only when the caller asks."""
 
 from __future__ import annotations
 
+import shutil
+import socket
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -41,16 +43,40 @@ def test_hf_home_is_used_when_hf_hub_cache_is_not_set(monkeypatch, tmp_path):
     assert hf_hub_cache() == tmp_path / "home" / "hub"
 
 
-def test_a_missing_id_offline_names_the_id_the_cache_and_the_fetch_command(hf_cache):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any name look-up or connection, with HF_HUB_OFFLINE unset."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"a network call was made: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_a_missing_id_fails_at_once_without_network_naming_the_id_and_the_fix(no_network, hf_cache):
     with pytest.raises(FileNotFoundError) as error:
         load_components("someone/missing-model")
     message = str(error.value)
     assert "'someone/missing-model'" in message
     assert str(hf_cache) in message
     assert "`hf download someone/missing-model --include " in message
-    assert "HF_HUB_OFFLINE" in message
     # One sentence.
     assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_missing_tiny_vae_fails_without_network(no_network, tiny_folder, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model, ignore=shutil.ignore_patterns("taesd"))
+    with pytest.raises(FileNotFoundError, match="hf download madebyollin/taesd"):
+        load_components(model, vae="tiny")
+
+
+def test_a_missing_id_with_hf_hub_offline_and_download_says_so(hf_cache):
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE forbids downloading"):
+        load_components("someone/missing-model", download=True)
 
 
 def test_a_missing_id_online_downloads_only_the_pipeline_files(monkeypatch, tiny_folder, hf_cache):
@@ -65,7 +91,7 @@ def test_a_missing_id_online_downloads_only_the_pipeline_files(monkeypatch, tiny
 
     monkeypatch.setattr(hub, "snapshot_download", fake_download)
 
-    components = load_components(REPO)
+    components = load_components(REPO, download=True)
 
     assert [call[1].get("local_files_only", False) for call in calls] == [True, False]
     assert calls[1][1]["allow_patterns"] == list(PIPELINE_FILES)
@@ -85,7 +111,7 @@ def test_a_failed_download_says_how_to_fetch_by_hand(monkeypatch, hf_cache):
     with pytest.raises(
         FileNotFoundError, match="ConnectionError.*hf download stabilityai/sd-turbo"
     ):
-        load_components(REPO)
+        load_components(REPO, download=True)
 
 
 def test_pipeline_files_leave_out_single_file_checkpoints_and_fp16_copies():

@@ -47,7 +47,12 @@ def test_tiny_is_built_once_and_reused(tiny_folder):
 def test_same_name_gives_same_weights_in_another_cache(tiny_folder, tmp_path):
     other = ensure_synthetic("tiny", tmp_path)
     assert other != tiny_folder
-    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    for weights in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "taesd/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
         first, second = load_file(tiny_folder / weights), load_file(other / weights)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)

@@ -88,8 +88,12 @@ EXPECTED_PROPERTIES = {
 }
 
 STANDIN_PYTHON = """#!{python}
-\"\"\"Stands in for the bridge's Python: records its arguments, stops on Ctrl+C.\"\"\"
-import json, signal, sys, time
+\"\"\"Stands in for the bridge's Python: records its arguments, stops on Ctrl+C.
+
+Run with -c, as the supervisor runs its watchdog, it is the real Python.\"\"\"
+import json, os, signal, sys, time
+if sys.argv[1:2] == ["-c"]:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 with open({record!r}, "w") as out:
     json.dump(sys.argv[1:], out)
 def stop(*_):

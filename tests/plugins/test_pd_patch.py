@@ -103,6 +103,17 @@ def test_prompt_delta_fades_and_seed_reach_the_bridge_server(
     assert server.stats.errors == 0
 
 
+def test_the_largest_seed_the_patch_offers_arrives_exact(
+    pd: str, server: OscServer, store: ParamStore
+) -> None:
+    seed_box = next(line for line in PATCH.read_text().splitlines() if "sd-seed 0;" in line)
+    top = int(seed_box.split()[6])  # "#X floatatom x y width min max ..."
+    assert top == 2**24  # every whole number up to here is exact in a 32-bit float
+    done = run_patch(pd, server.address[1], f"sd-seed {top}")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: store.get("seed") == top)
+
+
 def test_a_new_random_seed_is_a_whole_number_the_bridge_accepts(
     pd: str, server: OscServer, store: ParamStore
 ) -> None:

@@ -81,6 +81,7 @@ def test_the_component_carries_its_python_as_text_dats(comp: td_standin.COMP) ->
         "StreamDiffusionBridgeExt": TOE / "sdb_extension.py",
         "sdb_osc": TOE / "sdb_osc.py",
         "sdb_process": TOE / "sdb_process.py",
+        "sdb_supervisor": TOE / "sdb_supervisor.py",
         "sdb_frames": TOE / "sdb_frames.py",
         "shm_protocol": ROOT / "bridge" / "io" / "shm_protocol.py",
     }
@@ -90,7 +91,7 @@ def test_the_component_carries_its_python_as_text_dats(comp: td_standin.COMP) ->
     assert type(extension).__name__ == "StreamDiffusionBridgeExt"
     # The extension's imports found the sibling DATs, as TouchDesigner's import does.
     extension_module = comp.op("StreamDiffusionBridgeExt").module
-    for name in ("sdb_osc", "sdb_process", "sdb_frames"):
+    for name in ("sdb_osc", "sdb_process", "sdb_supervisor", "sdb_frames"):
         assert getattr(extension_module, name) is comp.op(name).module
     assert comp.op("sdb_frames").module.shm_protocol is comp.op("shm_protocol").module
 
@@ -155,7 +156,7 @@ def test_changed_parameters_reach_the_bridge(wired: td_standin.COMP, store: Para
     assert store.get("prompt") == "a lighthouse in fog"
     assert store.get("delta") == pytest.approx(0.4)
     assert store.get("t_index_list") == (20, 35, 45)
-    assert store.get("filter_enable") is True
+    assert store.get("similarity_filter") is True
     assert wired.op("oscout").sent[0] == [("/sd/prompt", ["a lighthouse in fog"])]
 
 
@@ -191,6 +192,24 @@ def test_send_all_subscribes_and_status_fills_the_status_page(
     assert wired.par.Fps.eval() == 29.5
     assert wired.par.Latency.eval() == 12.25
     assert wired.par.Drops.eval() == 3
+
+
+def test_shutdown_unsubscribes_and_a_subscription_is_renewed(
+    td: td_standin.Root,
+    wired: td_standin.COMP,
+    server: OscServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wired.par.Sendall.pulse()
+    feedback = ("127.0.0.1", int(wired.par.Feedbackport.eval()))
+    assert wait_until(lambda: feedback in server.subscribers)
+    extension = sys.modules["StreamDiffusionBridgeExt"]
+    monkeypatch.setattr(extension, "RESUBSCRIBE_EVERY", 0.0)
+    sent_before = len(wired.op("oscout").sent)
+    td.run_frame()
+    assert wired.op("oscout").sent[sent_before:] == [[("/sd/subscribe", [feedback[1]])]]
+    wired.Shutdown()
+    assert wait_until(lambda: server.subscribers == ())
 
 
 def test_shared_memory_frames_flow_through_the_script_tops(
@@ -257,9 +276,15 @@ def test_start_with_a_missing_python_shows_why(comp: td_standin.COMP) -> None:
 
 
 def sleeping_python(folder: Path) -> str:
-    """An executable that stands in for Python: it ignores its arguments and sleeps."""
+    """An executable that stands in for Python: it sleeps, except that `-c` runs Python.
+
+    The supervisor runs its watchdog with `-c`; the bridge it then starts only sleeps.
+    """
     script = folder / "python-standin"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(60)'\n")
+    script.write_text(
+        f'#!/bin/sh\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
+        f"exec {sys.executable} -c 'import time; time.sleep(60)'\n"
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
 
@@ -311,7 +336,9 @@ def test_the_component_runs_the_real_bridge_over_shared_memory(
     assert comp.par.Fps.eval() == 0
 
 
-@pytest.mark.parametrize("name", ["sdb_osc", "sdb_process", "sdb_frames", "sdb_extension"])
+@pytest.mark.parametrize(
+    "name", ["sdb_osc", "sdb_process", "sdb_supervisor", "sdb_frames", "sdb_extension"]
+)
 def test_the_modules_load_where_dat_modules_stay_out_of_sys_modules(name: str) -> None:
     # Whether TouchDesigner registers a DAT module in sys.modules before running it is not
     # documented; dataclasses with postponed annotations need it, so these modules avoid them.

@@ -32,6 +32,13 @@ def test_every_live_parameter_matches_the_bridge_schema(live: sdb_osc.LiveParam)
         assert live.maximum_exclusive == schema.maximum_exclusive
 
 
+def test_every_live_setting_of_the_bridge_has_a_component_parameter() -> None:
+    from bridge.control.params import PARAMS
+
+    covered = {live.address for live in sdb_osc.LIVE_PARAMS}
+    assert [p.address for p in PARAMS if p.address not in covered] == []
+
+
 def test_every_default_message_is_accepted_by_the_bridge_schema() -> None:
     for live in sdb_osc.LIVE_PARAMS:
         address, args = sdb_osc.osc_message(live, live.default)

@@ -11,7 +11,7 @@ import torch
 
 from bridge.control import OscClient, OscServer, ParamStore
 from bridge.io import Frame, Sink, Source, now
-from bridge.runtime.engine import Engine
+from bridge.runtime.engine import Engine, EngineHooks
 from bridge.runtime.prompts import Fade, slerp
 from bridge.stream import StreamConfig, StreamDiffusion
 
@@ -139,13 +139,16 @@ def test_pause_stops_producing_frames_until_resumed(tiny):
     store = ParamStore()
     sink = RecordingSink()
     engine = make_engine(tiny, store, sink)
+    reports: list = []
+    engine.hooks = EngineHooks(status=reports.append)
     stop, thread = run_in_thread(engine)
     try:
         wait_for(lambda: len(sink.frames) >= 2)
         store.set("pause", True)
-        time.sleep(0.3)
+        wait_for(lambda: engine.paused and engine._pending is None)  # nothing left in flight
         paused_at = engine.metrics.frames
-        time.sleep(0.3)
+        seen = len(reports)
+        wait_for(lambda: len(reports) >= seen + 3)  # the loop went round, paused, a while
         assert engine.metrics.frames == paused_at
         store.set("pause", False)
         wait_for(lambda: engine.metrics.frames > paused_at)

@@ -31,13 +31,15 @@ import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from bridge.control import OscClient
+from bridge.control.osc_datagram import MAX_BUNDLE_DEPTH
 from bridge.control.params import PARAMS
 from bridge.io.shm_protocol import ShmError, ShmReader, clock, frame_segment_name
+from tests.runtime.helpers import free_port
 
 DATAGRAMS = 100_000
 SEGMENT_CASES = 10_000
-# The server's socket buffer holds about 200 small datagrams (212 KB counted by kernel size):
-# the sender waits for the server to catch up before that much could be in flight.
+# A socket buffer of the kernel's default size (212 KB) holds about 200 small datagrams: the
+# sender waits for the server to catch up before that much could be in flight.
 SYNC_EVERY_DATAGRAMS = 100
 SYNC_EVERY_BYTES = 64_000
 SYNC_TIMEOUT_S = 20.0
@@ -64,12 +66,6 @@ REFUSED_COMMANDS: list[tuple[str, list]] = [
     ("/sd/unsubscribe", [70000]),
     ("/sd/quit", [1]),
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def osc_message(address: str, *args: object) -> bytes:
@@ -105,7 +101,7 @@ class Fuzz:
         if roll < 0.12:
             messages = [self._refused_message() for _ in range(rng.randint(1, 5))]
             datagram = bundle(*messages)
-            for _ in range(rng.randint(0, 20)):
+            for _ in range(rng.randint(0, MAX_BUNDLE_DEPTH - 1)):  # deeper is dropped unread
                 datagram = bundle(datagram)
             return datagram, len(messages)
         return self._refused_message(), 1
@@ -137,7 +133,7 @@ class Fuzz:
         rng = self.rng
         if rng.random() < 0.5:
             return osc_message("/sd/prompt", "p" * rng.randint(20_000, 60_000))
-        # The error reply repeats the address twice; 30,000 characters keep it one datagram.
+        # The error reply repeats the address cut short, so any length gets its one reply.
         return osc_message("/" + "u" * rng.randint(20_000, 30_000), 1)
 
     def _random_bytes(self) -> bytes:

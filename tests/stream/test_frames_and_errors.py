@@ -91,6 +91,9 @@ def test_an_unknown_pixel_format_is_refused(make_stream):
         ({"cfg_type": "half"}, "cfg_type must be one of none, full, self, initialize, got 'half'"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
         ({"mode": "video"}, "mode must be one of img2img, txt2img, got 'video'"),
+        ({"noise": "wobble"}, "noise must be one of fixed, fresh, drift, got 'wobble'"),
+        ({"noise_drift": 2.0}, "noise_drift must be between 0.0 and 1.5708, got 2.0"),
+        ({"noise_drift": -0.1}, "noise_drift must be between 0.0 and 1.5708, got -0.1"),
         ({"frame_buffer_size": 0}, "frame_buffer_size must be between 1 and 64, got 0"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge.stream import unet_batch_size
+from bridge.stream import CFG_TYPES, unet_batch_size
 from tests.stream.helpers import UNetSpy, latents
 
 
@@ -51,6 +51,44 @@ def test_full_guidance_at_one_equals_no_guidance(make_stream):
         torch.testing.assert_close(
             full.denoise(latents(seed)), none.denoise(latents(seed)), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("cfg_type", CFG_TYPES)
+def test_guidance_at_or_below_one_is_no_guidance_for_every_cfg_type(make_stream, cfg_type):
+    settings = {"t_index_list": (32, 45), "delta": 0.8}
+    half = make_stream(cfg_type=cfg_type, guidance_scale=0.5, **settings)
+    one = make_stream(cfg_type=cfg_type, guidance_scale=1.0, **settings)
+    unguided = make_stream(cfg_type="none", guidance_scale=1.0, **settings)
+    for seed in (1, 2, 3):
+        out = one.denoise(latents(seed))
+        assert torch.equal(half.denoise(latents(seed)), out)
+        expected = unguided.denoise(latents(seed))
+        if cfg_type == "self":
+            # The same UNet batch as "none": g = 1 must give the conditional estimate exactly.
+            assert torch.equal(out, expected)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg_type", ["full", "self", "initialize"])
+def test_guidance_crosses_one_live_without_a_rebuild(make_stream, cfg_type):
+    settings = {"t_index_list": (32, 45), "cfg_type": cfg_type}
+    live = make_stream(guidance_scale=1.2, **settings)
+    guided = make_stream(guidance_scale=1.2, **settings)
+    unguided = make_stream(guidance_scale=1.0, **settings)
+    buffer = live.state_tensors()[0]
+    changes = {2: 0.5, 4: 1.2}
+    for frame in range(6):
+        if frame in changes:
+            live.update(guidance_scale=changes[frame])
+        out = live.denoise(latents(frame))
+        with_guidance, without = guided.denoise(latents(frame)), unguided.denoise(latents(frame))
+        # Output lags input by one frame here: frame 3 is the first made wholly below 1.0.
+        if frame in (0, 1, 5):
+            torch.testing.assert_close(out, with_guidance)
+            assert not torch.allclose(out, without, atol=1e-3)
+        if frame == 3:
+            torch.testing.assert_close(out, without)
+    assert live.state_tensors()[0] is buffer
 
 
 def test_full_guidance_above_one_differs_from_no_guidance(make_stream):

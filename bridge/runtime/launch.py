@@ -1,0 +1,257 @@
+"""Start a whole bridge from its settings: the one place that joins models, accel, stream, io and
+control.
+
+What can be checked without torch is checked first (values, URIs, the OSC port), so a typo is
+reported in a second rather than after the model has loaded. Errors raised here name Python
+settings (`accel="none"`); the CLI translates them into flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bridge.control import OscServer, OscServerError, ParamStore
+from bridge.control.osc_server import parse_target
+from bridge.io import Sink, Source, TransportError, open_sink, open_source
+from bridge.io.transports import check_uri
+from bridge.runtime.settings import parse_lora
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class StartError(ValueError):
+    """The bridge could not start, told as one sentence naming the setting and the fix."""
+
+
+def pick_device(name: str = "auto") -> Any:
+    """The torch device `name` names; "auto" is CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise StartError(
+                f"device={name!r} is not a device; use cuda, cuda:1, mps, cpu or auto."
+            ) from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: Any) -> Any:
+    """The torch dtype `name` names; "auto" is fp16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise StartError(f"dtype={name!r} is unknown; use one of {', '.join(dtypes)}.")
+    return dtypes[name]
+
+
+def pick_accel(name: str, device: Any) -> str:
+    """The acceleration mode `name` names; "auto" is cudagraph on CUDA and none elsewhere."""
+    if name != "auto":
+        return name
+    return "cudagraph" if device.type == "cuda" else "none"
+
+
+def check_settings(settings: Any) -> list[tuple[str, float]]:
+    """Check what can be checked before anything opens; return the parsed LoRA entries."""
+    if settings.mode == "img2img":
+        check_uri(settings.input, "source")
+    for uri in settings.output:
+        check_uri(uri, "sink")
+    for target in settings.osc_feedback:
+        parse_target(target)
+    return [parse_lora(text) for text in settings.lora]
+
+
+def run_bridge(
+    settings: Any,
+    *,
+    say: Callable[[str], None] | None = None,
+    status: Callable[[Any], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run a bridge with `settings` (a `RunSettings`) until stopped; return the exit code.
+
+    `say` prints one line for the user (standard error by default); `status` receives each
+    status report. Start-up problems are said in one sentence and give exit code 2; Ctrl-C
+    during start-up stops quietly with 130.
+    """
+    say = say or _say
+    stop = stop or threading.Event()
+    _show_logs(logging.WARNING if settings.quiet else logging.INFO)
+    source: Source | None = None
+    sinks: list[Sink] = []
+    osc: OscServer | None = None
+    try:
+        try:
+            loras = check_settings(settings)
+            store = ParamStore(settings.store_values())
+            osc = _start_osc(settings, store, stop)
+            if settings.mode == "img2img":
+                source = open_source(
+                    settings.input, width=settings.width, height=settings.height, fps=settings.fps
+                )
+            for uri in settings.output:
+                sinks.append(
+                    open_sink(uri, width=settings.width, height=settings.height, fps=settings.fps)
+                )
+            engine = _build_engine(settings, loras, store, source, sinks, osc, say, status)
+        except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
+            say(f"sd-bridge: {error}")
+            _close_all(source, sinks, osc)
+            return EXIT_USAGE
+    except KeyboardInterrupt:
+        say("sd-bridge: stopped during start-up.")
+        _close_all(source, sinks, osc)
+        return EXIT_INTERRUPTED
+    return _serve(engine, settings, source, osc, stop, say)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _show_logs(level: int) -> None:
+    """Print the bridge's own log lines (engine, transports, OSC) bare on standard error."""
+    for name in ("sd_bridge", "bridge"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(getattr(handler, "sd_bridge", False) for handler in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.sd_bridge = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _start_osc(settings: Any, store: ParamStore, stop: threading.Event) -> OscServer | None:
+    if not settings.osc:
+        return None
+    osc = OscServer(
+        store,
+        settings.osc_host,
+        settings.osc_port,
+        allow=list(settings.osc_allow),
+        feedback=[parse_target(target) for target in settings.osc_feedback],
+        on_quit=stop.set,
+    )
+    osc.start()
+    return osc
+
+
+def _build_engine(
+    settings: Any,
+    loras: Sequence[tuple[str, float]],
+    store: ParamStore,
+    source: Source | None,
+    sinks: Sequence[Sink],
+    osc: OscServer | None,
+    say: Callable[[str], None],
+    status: Callable[[Any], None] | None,
+) -> Any:
+    """Load the model and prepare the accelerated stream: the slow part of start-up."""
+    import torch
+
+    from bridge.accel import accelerate
+    from bridge.models import load_components
+    from bridge.runtime.engine import Engine, EngineHooks
+    from bridge.stream import StreamDiffusion
+
+    config = settings.stream_config()
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    accel = pick_accel(settings.accel, device)
+    if not settings.quiet:
+        say(f"loading {settings.model} on {device} ({str(dtype).removeprefix('torch.')})")
+    components = load_components(
+        settings.model,
+        vae=None if settings.vae == "model" else settings.vae,
+        loras=list(loras),
+        lcm_lora=settings.lcm_lora or None,
+        device=device,
+        dtype=dtype,
+        download=settings.download,
+    )
+    if not settings.quiet:
+        say(f"preparing the stream (accel {accel})")
+    with torch.inference_mode():
+        stream = accelerate(
+            StreamDiffusion(
+                components,
+                config,
+                prompt=settings.prompt,
+                negative_prompt=settings.negative_prompt,
+            ),
+            accel,
+        )
+
+    def report(report_status: Any) -> None:
+        if status is not None:
+            status(report_status)
+        elif not settings.quiet:
+            say(report_status.line())
+        if osc is not None:
+            osc.publish_status(
+                report_status.fps,
+                report_status.latency_ms,
+                report_status.drops,
+                report_status.skips,
+            )
+
+    hooks = EngineHooks(
+        status=report,
+        error=osc.report_error if osc is not None else None,
+        input_state=osc.publish_input if osc is not None else None,
+    )
+    return Engine(
+        stream,
+        store,
+        source,
+        sinks,
+        hooks=hooks,
+        on_input_loss=settings.on_input_loss,
+        hold_fps=settings.fps,
+    )
+
+
+def _serve(
+    engine: Any,
+    settings: Any,
+    source: Source | None,
+    osc: OscServer | None,
+    stop: threading.Event,
+    say: Callable[[str], None],
+) -> int:
+    import torch
+
+    from bridge.runtime.signals import stop_on_signals
+
+    where = f"OSC on {settings.osc_host}:{osc.address[1]}" if osc else "OSC off"
+    frm = settings.input if source is not None else "txt2img"
+    say(f"running: {frm} -> {', '.join(settings.output)} | {where} | Ctrl-C stops")
+    with stop_on_signals(stop), torch.inference_mode():
+        produced = engine.run(stop, max_frames=settings.frames or None)
+    _close_all(None, [], osc)
+    say(f"stopped after {produced} frames; output went to {', '.join(settings.output)}.")
+    return 0
+
+
+def _close_all(source: Source | None, sinks: Sequence[Sink], osc: OscServer | None) -> None:
+    for transport in [source, *sinks]:
+        if transport is not None:
+            transport.close()
+    if osc is not None:
+        osc.stop()
