@@ -164,6 +164,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
+    from bridge.io import TransportError
+    from bridge.io.ndi import runtime_version as ndi_runtime_version
     from bridge.models.hub import hf_hub_cache
 
     print(f"python       {platform.python_version()} on {platform.platform()}")
@@ -173,6 +175,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         except importlib.metadata.PackageNotFoundError:
             version = "not installed"
         print(f"{package:<13}{version}")
+    try:
+        ndi = f"runtime {ndi_runtime_version()} loaded"
+    except TransportError as error:
+        ndi = f"runtime not loaded: {error}"
+    print(f"ndi          {ndi}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

@@ -150,17 +150,35 @@ def _add_executes(comp) -> None:
     frame_exec.par.exit = True
 
 
+# The models offered in the Model parameter's menu: SD-Turbo, SDXL-Turbo, SDXS, SD 1.5, SDXL.
+MODEL_CHOICES = (
+    "stabilityai/sd-turbo",
+    "stabilityai/sdxl-turbo",
+    "IDKiro/sdxs-512-0.9",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+)
+
+
 def _add_parameters(comp) -> None:
-    """The Bridge, Launch and Status pages; live parameters come from `sdb_osc.LIVE_PARAMS`."""
+    """The Bridge, Launch and Status pages; live parameters come from `sdb_osc.LIVE_PARAMS` and
+    `sdb_osc.LORA_PARAMS`."""
     page = comp.appendCustomPage("Bridge")
-    for live in comp.op("sdb_osc").module.LIVE_PARAMS:
+    sdb_osc = comp.op("sdb_osc").module
+    for live in (*sdb_osc.LIVE_PARAMS, *sdb_osc.LORA_PARAMS):
         _append_live(page, live)
     page.appendPulse("Sendall", label="Send all values")
 
     page = comp.appendCustomPage("Launch")
     python = page.appendFile("Python", label="Python executable")[0]
     python.default = python.val = "python" if sys.platform == "win32" else "python3"
-    _string(page, "Model", "Model", "stabilityai/sd-turbo")
+    model = _string(page, "Model", "Model", "stabilityai/sd-turbo")
+    # Suggestions in the parameter's menu; any other folder, file or Hugging Face id may be typed.
+    model.menuNames = list(MODEL_CHOICES)
+    model.menuLabels = list(MODEL_CHOICES)
+    for slot in range(sdb_osc.LORA_SLOTS):
+        # Its scale is the Bridge page's LoRA scale, live.
+        page.appendFile(f"Lora{slot}file", label=f"LoRA {slot} file")
     _toggle(page, "Tinyvae", "Tiny VAE (TAESD)", True)
     width, height = page.appendWH("Resolution", label="Resolution")
     for par in (width, height):
@@ -169,7 +187,7 @@ def _add_parameters(comp) -> None:
         par.normMax = 1024
         par.clampMin = True
     _menu(page, "Accel", "Acceleration", ("auto", "none", "cudagraph", "compile"), "auto")
-    _menu(page, "Transport", "Transport", ("auto", "spout", "shm"), "auto")
+    _menu(page, "Transport", "Transport", ("auto", "spout", "shm", "ndi"), "auto")
     _string(page, "Streamname", "Stream name", "sdbridge")
     _toggle(page, "Streaming", "Send and receive frames", True)
     _int(page, "Oscport", "Bridge OSC port", 7000, 1, 65535)

@@ -47,6 +47,11 @@ class StreamDiffusionBridgeExt:
                 self._send([sdb_osc.osc_message(live, par.eval())])
             except ValueError as error:
                 self._report(str(error))
+        elif par.name in sdb_osc.LORA_PARAMS_BY_PAR:
+            try:
+                self._send(sdb_osc.lora_messages(*self._lora_values()))
+            except ValueError as error:
+                self._report(str(error))
         elif par.name in CONNECTION_PARS:
             self.ApplyConnections()
 
@@ -80,6 +85,10 @@ class StreamDiffusionBridgeExt:
         """Send every live value in one bundle; subscribe to status if the bridge is not ours."""
         values = {param.par: self.ownerComp.par[param.par].eval() for param in sdb_osc.LIVE_PARAMS}
         messages, refusals = sdb_osc.all_messages(values)
+        try:
+            messages += sdb_osc.lora_messages(*self._lora_values())
+        except ValueError as error:
+            refusals.append(str(error))
         if not self._process.poll().running:
             port = int(self.ownerComp.par.Feedbackport.eval())
             messages.append(("/sd/subscribe", [port]))
@@ -181,6 +190,7 @@ class StreamDiffusionBridgeExt:
         par = self.ownerComp.par
         transport = sdb_process.resolve_transport(str(par.Transport.eval()))
         input_uri, output_uri = sdb_process.stream_uris(transport, str(par.Streamname.eval()))
+        files, scales = self._lora_values()
         return sdb_process.BridgeSettings(
             python=str(par.Python.eval()),
             input_uri=input_uri,
@@ -202,7 +212,14 @@ class StreamDiffusionBridgeExt:
             similarity_filter=bool(par.Filterenable.eval()),
             similarity_threshold=float(par.Filterthreshold.eval()),
             max_skip_frames=int(par.Filtermaxskip.eval()),
+            loras=list(zip(sdb_osc.lora_files(files), scales, strict=False)),
         )
+
+    def _lora_values(self) -> tuple[list[str], list[float]]:
+        """The LoRA file and scale of each slot."""
+        par = self.ownerComp.par
+        files = [str(par[f"Lora{slot}file"].eval()) for slot in range(sdb_osc.LORA_SLOTS)]
+        return files, [float(par[lora.par].eval()) for lora in sdb_osc.LORA_PARAMS]
 
     def _log_path(self) -> Path:
         # One log per TouchDesigner process: another one never truncates a log in use.

@@ -65,10 +65,27 @@ LIVE_PARAMS: tuple[LiveParam, ...] = (
         maximum_exclusive=True,
     ),
     LiveParam("Filtermaxskip", "Filter max skip", "/sd/filter/max_skip", "int", 10, 0, 600),
+    LiveParam("Banksize", "Feature bank frames", "/sd/bank/size", "int", 0, 0, 8),
+    LiveParam("Bankstrength", "Feature injection", "/sd/bank/strength", "float", 0.8, 0.0, 1.0),
+    LiveParam(
+        "Bankthreshold", "Injection threshold", "/sd/bank/threshold", "float", 0.98, 0.0, 1.0
+    ),
+    LiveParam("Feedback", "Latent feedback", "/sd/feedback", "float", 0.0, 0.0, 1.0),
     LiveParam("Pause", "Pause", "/sd/pause", "toggle", False),
 )
 
 LIVE_PARAMS_BY_PAR: Mapping[str, LiveParam] = {param.par: param for param in LIVE_PARAMS}
+
+LORA_SLOTS = 2
+"""LoRA files the component can start the bridge with (Launch page: Lora0file, Lora1file)."""
+LORA_PARAMS: tuple[LiveParam, ...] = tuple(
+    LiveParam(
+        f"Lora{slot}scale", f"LoRA {slot} scale", f"/sd/lora/{slot}/scale", "float", 1.0, -2.0, 2.0
+    )
+    for slot in range(LORA_SLOTS)
+)
+"""The live scale of each LoRA slot, also its start scale; the bridge takes -2 to 2."""
+LORA_PARAMS_BY_PAR: Mapping[str, LiveParam] = {param.par: param for param in LORA_PARAMS}
 
 STATUS_PARS: Mapping[str, str] = {
     "/sd/status/fps": "Fps",
@@ -139,6 +156,21 @@ def all_messages(values: Mapping[str, object]) -> tuple[list[Message], list[str]
         except ValueError as error:
             refusals.append(str(error))
     return messages, refusals
+
+
+def lora_files(files: Sequence[str]) -> list[str]:
+    """The LoRA files of the slots in use, which must be filled from the first on."""
+    given = [str(path).strip() for path in files]
+    used = [path for path in given if path]
+    if given[: len(used)] != used:
+        raise ValueError("A LoRA slot has a file after an empty one; fill the LoRA slots in order.")
+    return used
+
+
+def lora_messages(files: Sequence[str], scales: Sequence[object]) -> list[Message]:
+    """The scale messages of the LoRA slots that have a file (the bridge has no others)."""
+    count = len(lora_files(files))
+    return [osc_message(LORA_PARAMS[slot], scales[slot]) for slot in range(count)]
 
 
 def status_update(address: str, args: Sequence[object]) -> tuple[str, float] | None:

@@ -10,13 +10,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-TRANSPORTS = ("auto", "spout", "shm")
+TRANSPORTS = ("auto", "spout", "shm", "ndi")
 ACCELS = ("auto", "none", "cudagraph", "compile")
 _STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
 
 
 def resolve_transport(choice: str, platform: str = sys.platform) -> str:
-    """`spout` or `shm` for a Transport menu choice; `auto` is Spout on Windows only."""
+    """`spout`, `shm` or `ndi` for a Transport menu choice; `auto` is Spout on Windows only."""
     if choice == "auto":
         return "spout" if platform == "win32" else "shm"
     if choice not in TRANSPORTS:
@@ -58,6 +58,8 @@ class BridgeSettings:
     similarity_filter: bool
     similarity_threshold: float
     max_skip_frames: int
+    loras: Sequence[tuple[str, float]] = ()
+    """LoRA files and their start scales; their scales then change live."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -94,4 +96,5 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         command.append(f"--negative-prompt={settings.negative_prompt}")
     if settings.similarity_filter:
         command.append("--similarity-filter")
+    command += [f"--lora={path}:{scale}" for path, scale in settings.loras]
     return command

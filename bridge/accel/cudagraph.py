@@ -3,11 +3,13 @@
 Eager PyTorch spends most of a small UNet's frame launching kernels from Python. A CUDA graph
 records the launches of one frame step (pixel conversion, VAE encode, the UNet, the scheduler
 update, VAE decode, conversion back) once and replays them with a single call. Everything the
-step reads (prompt embeddings, noise, guidance, schedule constants, the latent buffer) lives in
-tensors that live changes overwrite in place, so only a change of shapes or branches needs a new
-capture; `StreamDiffusion.graph_key` says which changes those are. The generators the step draws
-noise from are registered with the graph, so each replay draws new numbers from where the
-generator stands (a re-seed between replays takes effect), as the eager step would.
+step reads (prompt embeddings, noise, guidance, schedule constants, the latent buffer, the
+feature bank's rings and their positions) lives in tensors that live changes overwrite in place,
+so only a change of shapes or branches needs a new capture; `StreamDiffusion.graph_key` says which
+changes those are. A feature bank that is empty is filled by an eager frame step before any
+capture, so that its tensors exist and the graph never records the filling. The generators the
+step draws noise from are registered with the graph, so each replay draws new numbers from where
+the generator stands (a re-seed between replays takes effect), as the eager step would.
 """
 
 from __future__ import annotations

@@ -31,16 +31,7 @@ from types import TracebackType
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from bridge.control.osc_datagram import MAX_DATAGRAM, Incoming, OscDatagramError, read_datagram
-from bridge.control.params import (
-    PARAMS,
-    PARAMS_BY_ADDRESS,
-    Kind,
-    Param,
-    ParamError,
-    Value,
-    describe,
-    find_param,
-)
+from bridge.control.params import Kind, Param, ParamError, Value, describe
 from bridge.control.store import ParamStore
 
 DEFAULT_HOST = "127.0.0.1"
@@ -390,7 +381,7 @@ class OscServer:
         queries: list[tuple[Callable[[Sequence[object], Target], None], tuple[object, ...]]] = []
         for message in messages:
             address = message.address
-            param = PARAMS_BY_ADDRESS.get(address)
+            param = self._store.param_at(address)
             known = param is not None or address in self._commands
             if known and message.problem:
                 self._refuse(
@@ -406,6 +397,8 @@ class OscServer:
                     self._refuse(sender, error.address, error.sentence)
             elif address in self._commands:
                 queries.append((self._commands[address], message.args))
+            elif (refusal := self._store.refusal(address)) is not None:
+                self._refuse(sender, refusal.address, refusal.sentence)
             else:
                 shown = shown_address(address)
                 self._refuse(
@@ -420,7 +413,7 @@ class OscServer:
                 break
             except ParamError as error:
                 self._refuse(sender, error.address, error.sentence)
-                blamed = PARAMS_BY_ADDRESS.get(error.address)
+                blamed = self._store.param_at(error.address)
                 if blamed is None or changes.pop(blamed.name, None) is None:
                     break
         for query, args in queries:
@@ -428,11 +421,15 @@ class OscServer:
 
     def _get(self, args: Sequence[object], sender: Target) -> None:
         if not args:
-            for param in PARAMS:
+            for param in self._store.params:
                 self._send_value(sender, param)
             return
         key = args[0]
-        param = find_param(key) if len(args) == 1 and isinstance(key, str) else None
+        param = self._store.find(key) if len(args) == 1 and isinstance(key, str) else None
+        refusal = self._store.refusal(key) if len(args) == 1 and isinstance(key, str) else None
+        if refusal is not None:
+            self._refuse(sender, "/sd/get", refusal.sentence)
+            return
         if param is None:
             self._refuse(
                 sender,
@@ -450,7 +447,7 @@ class OscServer:
         if args:
             self._refuse(sender, "/sd/list", f"/sd/list got {describe(list(args))}; send it bare.")
             return
-        for param in PARAMS:
+        for param in self._store.params:
             self._send(sender, "/sd/param", param.address, *self._describe_param(param))
 
     def _describe_param(self, param: Param) -> list[int | float | str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
 
@@ -355,6 +355,47 @@ PARAMS: tuple[Param, ...] = (
         aliases=("filter_max_skip",),
     ),
     Param(
+        name="feature_bank_size",
+        address="/sd/bank/size",
+        kind=Kind.INT,
+        default=0,
+        effect="Feature bank: how many past frames each frame also attends to (their attention "
+        "keys and values), for less flicker; 0 is off. A change empties the bank and captures the "
+        "CUDA graph again.",
+        minimum=0,
+        maximum=8,
+        changes_shapes=True,
+    ),
+    Param(
+        name="feature_bank_strength",
+        address="/sd/bank/strength",
+        kind=Kind.FLOAT,
+        default=0.8,
+        effect="Feature injection: how far features move towards their most similar banked ones "
+        "(0 is attention only).",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Param(
+        name="feature_bank_threshold",
+        address="/sd/bank/threshold",
+        kind=Kind.FLOAT,
+        default=0.98,
+        effect="Cosine similarity a banked feature needs for injection to use it.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Param(
+        name="latent_feedback",
+        address="/sd/feedback",
+        kind=Kind.FLOAT,
+        default=0.0,
+        effect="Blends the last output latent into each new input latent (img2img); 0 is off, "
+        "1 ignores the input.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    Param(
         name="pause",
         address="/sd/pause",
         kind=Kind.BOOL,
@@ -396,7 +437,8 @@ START_SETTINGS: tuple[Param, ...] = (
         name="input",
         kind=Kind.STRING,
         default="pattern:bars",
-        effect="Source URI: spout:NAME, cam:0, shm:NAME, file:PATH or pattern:KIND.",
+        effect="Source URI: spout:NAME, cam:0, shm:NAME, ndi:NAME, syphon:NAME, file:PATH or "
+        "pattern:KIND.",
         max_length=MAX_PROMPT_CHARS,
         group="input and output",
     ),
@@ -404,7 +446,8 @@ START_SETTINGS: tuple[Param, ...] = (
         name="output",
         kind=Kind.STRING_LIST,
         default=("shm:sd-bridge-out",),
-        effect="Sink URI, repeatable: spout:NAME, vcam, shm:NAME, file:PATH or null.",
+        effect="Sink URI, repeatable: spout:NAME, vcam, shm:NAME, ndi:NAME, syphon:NAME, "
+        "file:PATH or null.",
         group="input and output",
     ),
     _start(
@@ -444,7 +487,8 @@ START_SETTINGS: tuple[Param, ...] = (
         name="lora",
         kind=Kind.STRING_LIST,
         default=(),
-        effect="LoRA file fused into the model, PATH or PATH:SCALE; repeatable.",
+        effect="LoRA file, PATH or PATH:SCALE; repeatable; unless fuse_loras, its scale changes "
+        "live over OSC, from -2 to 2 (/sd/lora/0/scale for the first file).",
         group="model",
     ),
     _start(
@@ -461,6 +505,14 @@ START_SETTINGS: tuple[Param, ...] = (
         default=False,
         effect="Fetch a Hugging Face model that is not in the cache (needs the internet); off, "
         "the bridge never touches the network.",
+        group="model",
+    ),
+    _start(
+        name="fuse_loras",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Fuse the LoRA files into the weights at their start scales: a few percent "
+        "faster, but their scales no longer change live.",
         group="model",
     ),
     _start(
@@ -608,6 +660,102 @@ def find_param(text: str) -> Param | None:
     if found is None and not text.startswith("/"):
         found = PARAMS_BY_ADDRESS.get("/sd/" + text)
     return found
+
+
+@dataclass(frozen=True)
+class ParamFamily:
+    """Live parameters made at start, one per loaded item, such as `/sd/lora/<index>/scale`.
+
+    The schema cannot list them: how many there are depends on what the bridge loaded. `name`
+    and `address` hold `{index}`; `members` makes the float parameters of the loaded items from
+    their start values, and `refusal` answers an address of the family whose index is not loaded.
+    """
+
+    name: str
+    address: str
+    item: str
+    effect: str
+    minimum: float
+    maximum: float
+    start_fix: str
+    absent_fix: str
+
+    def members(self, starts: Sequence[object]) -> tuple[Param, ...]:
+        """The parameters of items 0, 1, ... starting at `starts`, or `ParamError` for one out of
+        range."""
+        members = []
+        for index, start in enumerate(starts):
+            param = Param(
+                name=self.name.format(index=index),
+                address=self.address.format(index=index),
+                kind=Kind.FLOAT,
+                default=0.0,
+                effect=self.effect,
+                minimum=self.minimum,
+                maximum=self.maximum,
+                stream=False,
+            )
+            try:
+                default = param.validate(start)
+            except ParamError:
+                raise ParamError(
+                    param.address,
+                    f"{self.item} {index} starts at {describe(start)}; use {param.allowed()}"
+                    f"{self.start_fix}.",
+                ) from None
+            members.append(replace(param, default=default))
+        return tuple(members)
+
+    def index_in(self, address: str) -> int | None:
+        """The index `address` names if it is this family's address pattern, else None."""
+        head, _, tail = self.address.partition("{index}")
+        if not (address.startswith(head) and address.endswith(tail)):
+            return None
+        digits = address[len(head) : len(address) - len(tail)]
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 6):
+            return None
+        if digits != str(int(digits)):  # leading zeros: another address
+            return None
+        return int(digits)
+
+    def refusal(self, address: str, count: int) -> ParamError | None:
+        """The refusal of an address of this family whose index is not among `count` loaded."""
+        index = self.index_in(address)
+        if index is None or index < count:
+            return None
+        if count == 0:
+            sentence = (
+                f"{address} names {self.item} {index}, but no {self.item} is loaded live; "
+                f"{self.absent_fix}."
+            )
+        else:
+            allowed = "index 0" if count == 1 else f"an index from 0 to {count - 1}"
+            loaded = f"1 {self.item} is" if count == 1 else f"{count} {self.item}s are"
+            sentence = (
+                f"{address} names {self.item} {index}, but only {loaded} loaded live; "
+                f"send {allowed}."
+            )
+        return ParamError(address, sentence)
+
+
+LORA_SCALES = ParamFamily(
+    name="lora_{index}_scale",
+    address="/sd/lora/{index}/scale",
+    item="LoRA",
+    effect="Scale of the LoRA file at this index of the lora setting (0 is the first); 0 turns "
+    "it off, negative values push away from it. Text-encoder LoRAs re-encode the prompt.",
+    # Below -2 or above 2 most LoRAs leave the range they were trained near and the picture
+    # falls apart (and fp16 activations near overflow); negative scales are a known live effect.
+    minimum=-2.0,
+    maximum=2.0,
+    start_fix=" as its start scale, or fuse_loras=True to fuse it at any scale",
+    absent_fix="give LoRA files at start (the lora setting) and leave fuse_loras off",
+)
+"""One live scale per LoRA file loaded at start, unfused: `/sd/lora/<index>/scale`."""
+
+FAMILIES: tuple[ParamFamily, ...] = (LORA_SCALES,)
+"""Every family of indexed parameters; a store without members of one still refuses its addresses
+with a sentence."""
 
 
 def default_values() -> dict[str, Value]:

@@ -1,4 +1,5 @@
-"""Frame transports: sources and sinks chosen by URI (spout: cam: vcam shm: file: pattern: null).
+"""Frame transports: sources and sinks chosen by URI (spout: cam: vcam shm: file: pattern: null
+ndi: syphon:).
 
     from bridge.io import open_source, open_sink
 
@@ -8,8 +9,8 @@
         if frame is not None:
             sink.write(frame)
 
-Transports know nothing of diffusion; optional libraries (SpoutGL, OpenCV, pyvirtualcam, PyAV)
-are imported only when their transport opens.
+Transports know nothing of diffusion; optional libraries (SpoutGL, OpenCV, pyvirtualcam, PyAV,
+ndi-python, syphon-python) are imported only when their transport opens.
 """
 
 from bridge.io.base import Sink, Source, TransportError

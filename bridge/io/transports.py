@@ -4,6 +4,7 @@ A URI is `scheme:target`, optionally followed by `?key=value&key=value` options:
 
     spout:TouchDesigner       cam:0    cam:/dev/video2    vcam    vcam:/dev/video10
     shm:td-in    file:clip.mp4?fps=24    file:out_%05d.png    pattern:bars?fps=60    null
+    ndi:TouchDesigner    ndi:td?url=192.168.1.20:5961&bandwidth=lowest    syphon:sd-out
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from bridge.io.base import Sink, Source
+from bridge.io.base import Sink, Source, TransportError
 from bridge.io.camera import CameraSource, parse_device, probe_cameras
 from bridge.io.file import open_file_sink, open_file_source
+from bridge.io.ndi import NdiSink, NdiSource, list_sources, stream_name
 from bridge.io.null import NullSink
 from bridge.io.pattern import PatternSource
 from bridge.io.shm import ShmSink, ShmSource, list_streams
 from bridge.io.shm_protocol import STALE_AFTER, clock
 from bridge.io.spout import SpoutSink, SpoutSource, list_senders
+from bridge.io.syphon import SyphonSink, SyphonSource, list_servers
 from bridge.io.vcam import VirtualCameraSink
 
 
@@ -42,6 +45,12 @@ _SCHEMES: dict[str, _Scheme] = {
     ),
     "pattern": _Scheme("pattern:<bars|gradient|noise|checker>[?fps=30]", frozenset({"fps"}), None),
     "null": _Scheme("null", None, frozenset()),
+    "ndi": _Scheme(
+        "ndi:<name>[?url=<host>:<port>][&bandwidth=lowest][&ips=<host>,<host>]",
+        frozenset({"url", "bandwidth", "ips"}),
+        frozenset({"fps"}),
+    ),
+    "syphon": _Scheme("syphon:<server name>", frozenset(), frozenset()),
 }
 SCHEMES: tuple[str, ...] = tuple(_SCHEMES)
 
@@ -111,6 +120,18 @@ def open_source(uri: str, *, width: int, height: int, fps: float | None = None) 
         source = CameraSource(parse_device(target), width, height)
     elif scheme == "shm":
         source = ShmSource(_require_target(parsed, "a name", "shm:td-out"), width, height)
+    elif scheme == "ndi":
+        options = parsed.options
+        source = NdiSource(
+            target,
+            width,
+            height,
+            url=options.get("url"),
+            bandwidth=options.get("bandwidth", "highest"),
+            extra_ips=tuple(ip for ip in options.get("ips", "").split(",") if ip),
+        )
+    elif scheme == "syphon":
+        source = SyphonSource(target, width, height)
     else:
         source = SpoutSource(target, width, height)
     source.open()
@@ -142,6 +163,10 @@ def open_sink(uri: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
         sink = VirtualCameraSink(width, height, device=target or None, fps=parsed.fps(fps))
     elif scheme == "shm":
         sink = ShmSink(_require_target(parsed, "a name", "shm:sd-out"), width, height)
+    elif scheme == "ndi":
+        sink = NdiSink(_require_target(parsed, "a name", "ndi:sd-bridge"), fps=parsed.fps(fps))
+    elif scheme == "syphon":
+        sink = SyphonSink(_require_target(parsed, "a server name", "syphon:sd-bridge"))
     else:
         sink = SpoutSink(_require_target(parsed, "a sender name", "spout:sd-bridge"))
     sink.open()
@@ -221,6 +246,11 @@ def available_transports() -> list[TransportInfo]:
         ),
         "pattern": (True, ""),
         "null": (True, ""),
+        "ndi": _check((_installed("NDIlib"), "needs pip install streamdiffusion-bridge[ndi]")),
+        "syphon": _check(
+            (sys.platform == "darwin", "Syphon is macOS-only; use ndi: or shm: instead"),
+            (_installed("syphon"), "needs pip install streamdiffusion-bridge[syphon]"),
+        ),
     }
     return [
         TransportInfo(
@@ -243,8 +273,9 @@ class Device:
     description: str
 
 
-def enumerate_devices(*, max_cameras: int = 4) -> list[Device]:
-    """Spout senders, cameras (probing at most `max_cameras`) and shared-memory streams."""
+def enumerate_devices(*, max_cameras: int = 4, ndi_wait: float = 1.0) -> list[Device]:
+    """Spout senders, cameras (probing at most `max_cameras`), shared-memory streams, NDI
+    senders (found within `ndi_wait` seconds) and Syphon servers."""
     devices = []
     if sys.platform == "win32" and _installed("SpoutGL"):
         for name, width, height in list_senders():
@@ -261,6 +292,15 @@ def enumerate_devices(*, max_cameras: int = 4) -> list[Device]:
         alive = not header.closed and abs(clock() - header.heartbeat) <= STALE_AFTER
         state = f"writer pid {header.writer_pid}" if alive else "left by a writer that stopped"
         devices.append(Device(f"shm:{name}", "shm stream", f"{size}, {state}"))
+    if _installed("NDIlib"):
+        try:
+            for name, url in list_sources(ndi_wait):
+                devices.append(Device(f"ndi:{stream_name(name)}", "ndi sender", f"{name} at {url}"))
+        except TransportError:  # the runtime did not load: `sd-bridge doctor` says why
+            pass
+    if sys.platform == "darwin" and _installed("syphon"):
+        for name, app_name in list_servers():
+            devices.append(Device(f"syphon:{name or app_name}", "syphon server", app_name))
     return devices
 
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-SUPPORTED_FAMILIES = ("sd15", "sd21")
+from bridge.models.family import FAMILIES, family_of_config
+
+SUPPORTED_FAMILIES = FAMILIES
 
 
 @dataclass
 class Components:
     """What the stream pipeline runs: the networks on one device and dtype, in eval mode.
 
-    ``family`` is ``"sd15"`` or ``"sd21"``; ``source`` says, for people, where the model came from.
+    ``family`` is ``"sd15"``, ``"sd21"`` or ``"sdxl"``; ``source`` says, for people, where the
+    model came from. SDXL models also have ``text_encoder_2`` and ``tokenizer_2`` (OpenCLIP
+    ViT-bigG with its projection); the others leave them None.
     """
 
     unet: UNet2DConditionModel
@@ -26,15 +29,13 @@ class Components:
     scheduler: LCMScheduler
     family: str
     source: str
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: PreTrainedTokenizerBase | None = None
 
-
-def family_of_config(unet_config: Mapping[str, Any]) -> str:
-    """The family of a UNet described by its diffusers configuration; see :func:`family_of`."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("cross_attention_dim") == 1024:
-        return "sd21"
-    return "sd15"
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders: one, or two for SDXL."""
+        second = [] if self.text_encoder_2 is None else [self.text_encoder_2]
+        return [self.text_encoder, *second]
 
 
 def family_of(unet: UNet2DConditionModel) -> str:

@@ -18,15 +18,18 @@ from huggingface_hub import snapshot_download
 
 from bridge.models.synthetic import ensure_synthetic, synthetic_name
 
-# What a Stable Diffusion pipeline in diffusers layout needs, in full precision.
+# What a Stable Diffusion pipeline in diffusers layout needs, in full precision (SDXL's second
+# tokenizer and text encoder included; patterns a repository has no file for match nothing).
 PIPELINE_FILES: tuple[str, ...] = (
     "model_index.json",
     "*/config.json",
     "scheduler/scheduler_config.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
 )
 # A single autoencoder repository such as madebyollin/taesd.
 AUTOENCODER_FILES: tuple[str, ...] = ("config.json", "diffusion_pytorch_model.safetensors")

@@ -29,17 +29,18 @@ from diffusers import (
     AutoencoderTiny,
     LCMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from bridge.models.components import (
     SUPPORTED_FAMILIES,
     Components,
     family_of,
-    family_of_config,
 )
+from bridge.models.family import check_model_index, check_unet_config
 from bridge.models.hub import (
     AUTOENCODER_FILES,
     CONFIG_FILES,
@@ -56,14 +57,20 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_REPOS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-# TAESD was trained on the latent space that SD 1.x and 2.x share.
-TAESD_REPOS = {"sd15": "madebyollin/taesd", "sd21": "madebyollin/taesd"}
+# TAESD was trained on the latent space that SD 1.x and 2.x share; TAESDXL on SDXL's.
+TAESD_REPOS = {
+    "sd15": "madebyollin/taesd",
+    "sd21": "madebyollin/taesd",
+    "sdxl": "madebyollin/taesdxl",
+}
 AUTOENCODERS: dict[str, type[AutoencoderKL] | type[AutoencoderTiny]] = {
     "AutoencoderKL": AutoencoderKL,
     "AutoencoderTiny": AutoencoderTiny,
 }
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+_SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 
 
 def load_components(
@@ -83,8 +90,9 @@ def load_components(
     Args:
         model: ``synthetic:<name>``, a diffusers folder, a ``.safetensors``/``.ckpt`` checkpoint
             or a Hugging Face id (see the module docstring).
-        vae: None keeps the model's own VAE; ``"tiny"`` takes TAESD (the model folder's
-            ``taesd`` subfolder if it has one, as synthetic models do, else ``madebyollin/taesd``);
+        vae: None keeps the model's own VAE; ``"tiny"`` takes TAESD, or TAESDXL for SDXL (the
+            model folder's ``taesd`` subfolder if it has one, as synthetic models do, else
+            ``madebyollin/taesd`` or ``madebyollin/taesdxl``);
             anything else is a folder or Hugging Face id of an AutoencoderKL or AutoencoderTiny.
         loras: ``(path, scale)`` pairs of LoRA files fused into the weights in order; scale 0
             leaves the model unchanged.
@@ -123,8 +131,9 @@ def load_components(
 
     components.unet.to(device)
     components.vae.to(device)
-    components.text_encoder.to(device=device, dtype=dtype)
-    for module in (components.unet, components.vae, components.text_encoder):
+    for text_encoder in components.text_encoders():
+        text_encoder.to(device=device, dtype=dtype)
+    for module in (components.unet, components.vae, *components.text_encoders()):
         module.eval()
         module.requires_grad_(False)
     fuse_loras(components, adapters)
@@ -135,7 +144,7 @@ def _require_supported(family: str, source: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"{source} is an {family} model; only {', '.join(SUPPORTED_FAMILIES)} models "
-            "are supported so far, so pick an SD 1.x or 2.x model."
+            "are supported, so pick an SD 1.x, SD 2.x or SDXL model."
         )
 
 
@@ -147,6 +156,8 @@ def _lcm_scheduler(folder: Path) -> LCMScheduler:
 
 
 def _load_folder(folder: Path, model: str, dtype: torch.dtype) -> Components:
+    source = model if model == str(folder) else f"{model} ({folder})"
+    check_model_index(folder, source)
     missing = [part for part in _PIPELINE_PARTS if not (folder / part).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -154,16 +165,30 @@ def _load_folder(folder: Path, model: str, dtype: torch.dtype) -> Components:
             f"{', '.join(part + '/' for part in missing)}; pass the folder that holds "
             "model_index.json."
         )
-    source = model if model == str(folder) else f"{model} ({folder})"
-    _require_supported(family_of_config(UNet2DConditionModel.load_config(folder / "unet")), source)
+    family = check_unet_config(UNet2DConditionModel.load_config(folder / "unet"), source)
+    _require_supported(family, source)
+    second = {}
+    if family == "sdxl":
+        missing = [part for part in _SDXL_PARTS if not (folder / part).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{source} has an SDXL UNet but no {', '.join(part + '/' for part in missing)}; "
+                "pass the whole SDXL folder, with both text encoders and tokenizers."
+            )
+        second = {
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", local_files_only=True
+            ),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(
+                folder, subfolder="tokenizer_2", local_files_only=True
+            ),
+        }
     unet = UNet2DConditionModel.from_pretrained(
         folder, subfolder="unet", torch_dtype=dtype, local_files_only=True
     )
     return Components(
         unet=unet,
-        vae=AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=dtype, local_files_only=True
-        ),
+        vae=_autoencoder(folder / "vae", f"The vae/ of {source}", dtype),
         text_encoder=CLIPTextModel.from_pretrained(
             folder, subfolder="text_encoder", local_files_only=True
         ),
@@ -173,6 +198,7 @@ def _load_folder(folder: Path, model: str, dtype: torch.dtype) -> Components:
         scheduler=_lcm_scheduler(folder / "scheduler"),
         family=family_of(unet),
         source=source,
+        **second,
     )
 
 
@@ -199,9 +225,9 @@ def checkpoint_family(path: Path) -> str:
         if any(key.startswith(prefix) for key in keys):
             return family
     raise ValueError(
-        f"{path} holds no text encoder in the layout of SD 1.x (cond_stage_model.transformer.*) "
-        "or SD 2.x (cond_stage_model.model.*); pass config= a diffusers folder or id of the "
-        "same architecture."
+        f"{path} holds no text encoder in the layout of SD 1.x (cond_stage_model.transformer.*), "
+        "SD 2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.*); pass config= a "
+        "diffusers folder or id of the same architecture."
     )
 
 
@@ -231,15 +257,26 @@ def _load_single_file(
         )
     else:
         config_folder = resolve_path(config, CONFIG_FILES, cache_dir, download=download)
-    pipeline = StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config_folder),
-        local_files_only=True,
-        torch_dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        family = check_unet_config(
+            UNet2DConditionModel.load_config(config_folder / "unet"), f"config {config!r}"
+        )
+        _require_supported(family, str(path))
+    if family == "sdxl":
+        pipeline = StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(config_folder), local_files_only=True, torch_dtype=dtype
+        )
+        second = {"text_encoder_2": pipeline.text_encoder_2, "tokenizer_2": pipeline.tokenizer_2}
+    else:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config_folder),
+            local_files_only=True,
+            torch_dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        second = {}
     _require_supported(family_of(pipeline.unet), str(path))
     return Components(
         unet=pipeline.unet,
@@ -249,6 +286,7 @@ def _load_single_file(
         scheduler=LCMScheduler.from_config(pipeline.scheduler.config),
         family=family_of(pipeline.unet),
         source=f"{path} (configuration from {config_folder})",
+        **second,
     )
 
 
@@ -276,16 +314,22 @@ def _load_vae(
         folder = resolve_path(vae, AUTOENCODER_FILES, cache_dir, download=download)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
+    return _autoencoder(folder, f"VAE {vae!r}", dtype)
+
+
+def _autoencoder(folder: Path, name: str, dtype: torch.dtype) -> AutoencoderKL | AutoencoderTiny:
+    """The autoencoder in ``folder``, of the class its configuration names (SDXS ships a tiny
+    one as its ``vae``)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"VAE {vae!r} has no config.json in {folder}; pass the folder or Hugging Face id of "
+            f"{name} has no config.json in {folder}; pass the folder or Hugging Face id of "
             "a diffusers AutoencoderKL or AutoencoderTiny."
         )
     class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
     if class_name not in AUTOENCODERS:
         raise ValueError(
-            f"VAE {vae!r} is a {class_name}; pass an AutoencoderKL or AutoencoderTiny "
+            f"{name} is a {class_name}; pass an AutoencoderKL or AutoencoderTiny "
             '("tiny" picks TAESD).'
         )
     return AUTOENCODERS[class_name].from_pretrained(

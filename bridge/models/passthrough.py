@@ -31,8 +31,10 @@ GroupNorm group's spread, so the final GroupNorm turns ``h`` into ``h / beta``. 
 estimate leaves ``box3x3(x_t) / alpha`` as the x0 estimate: a third of the noise, and the picture
 blurred by 3x3 latents. The prompt reaches the output through the first cross-attention: queries
 from the (low-passed) picture, keys and values from the text encoder, so each prompt tints the
-picture in its own content-dependent way. The deeper levels compute as before, but the last up
-block takes only the first level's skip connection.
+picture in its own content-dependent way. UNets without cross-attention at their first level
+(SDXL's, SDXS's) pass the picture untinted. SDXL's added conditioning is kept out of the noise
+level the time embedding reports. The deeper levels compute as before, but the last up block
+takes only the first level's skip connection.
 """
 
 from __future__ import annotations
@@ -111,25 +113,28 @@ def unet_passthrough(
     """Make a UNet predict its input's fine detail as noise, tinted by the prompt; returns it.
 
     The weights are changed in place. ``seed`` draws the cross-attention projections that turn a
-    prompt into a tint; ``alphas_cumprod`` is the training schedule whose noise level the time
-    embedding learns to report.
+    prompt into a tint (when the first down block and the last up block have cross-attention);
+    ``alphas_cumprod`` is the training schedule whose noise level the time embedding learns to
+    report.
     """
     config = unet.config
     width = config.block_out_channels[0]
     group = width // config.norm_num_groups
     first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    attended = [getattr(block, "has_cross_attention", False) for block in (first, last)]
     if (
         config.in_channels != 4
         or config.out_channels != 4
         or group < 4
         or config.norm_num_groups < 7
-        or not all(getattr(block, "has_cross_attention", False) for block in (first, last))
+        or attended[0] != attended[1]
     ):
         raise ValueError(
             "the see-through UNet needs 4 latent channels, at least 7 GroupNorm groups of at "
-            "least 4 channels at its first level, and cross-attention in its first down block "
-            f"and last up block; got in/out channels {config.in_channels}/"
-            f"{config.out_channels}, width {width} and norm_num_groups {config.norm_num_groups}."
+            "least 4 channels at its first level, and cross-attention in both or neither of its "
+            f"first down block and last up block; got in/out channels {config.in_channels}/"
+            f"{config.out_channels}, width {width}, norm_num_groups {config.norm_num_groups} "
+            f"and cross-attention {attended}."
         )
     generator = torch.Generator().manual_seed(seed)
     # Channel layout at the first level, one job per GroupNorm group: two (h, h', s, -s) groups
@@ -143,9 +148,10 @@ def unet_passthrough(
         _unet_conv_in(unet.conv_in, high, low)
         for resnet in first.resnets:
             _zero_branch(resnet)
-        _prompt_attention(first.attentions[0], low, tint, generator)
-        for attention in [*first.attentions[1:], *last.attentions]:
-            _zero(attention.proj_out)
+        if all(attended):
+            _prompt_attention(first.attentions[0], low, tint, generator)
+            for attention in [*first.attentions[1:], *last.attentions]:
+                _zero(attention.proj_out)
         carried = high + low + [t + offset for t in tint for offset in (0, 1)]
         for index, resnet in enumerate(last.resnets):
             _zero_branch(resnet)
@@ -158,6 +164,11 @@ def unet_passthrough(
             for channel in carried:
                 shortcut[channel, start + channel] = 1.0
         _fit_noise_level(unet.time_embedding, unet.time_proj, alphas_cumprod)
+        if getattr(unet, "add_embedding", None) is not None:
+            # SDXL adds its pooled text and size ids to the time embedding; keep them out of
+            # the channel that reports the noise level.
+            unet.add_embedding.linear_2.weight[0].zero_()
+            unet.add_embedding.linear_2.bias[0].zero_()
         _noise_level_branch(last.resnets[-1], level, tint, group)
         _unet_output(unet, high, tint, group)
     return unet

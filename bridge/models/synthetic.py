@@ -1,15 +1,17 @@
 """Synthetic models: real Stable Diffusion architectures with seeded random weights.
 
 Each synthetic model is written once as an ordinary diffusers folder (``model_index.json`` and the
-``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` subfolders, safetensors
-weights) and then loaded by the same code that loads a downloaded model. A ``taesd`` subfolder
-holds the matching tiny autoencoder. Speed depends on the architecture, not on the weight values,
-so benchmarks on these models are honest.
+``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` subfolders, SDXL models also
+``text_encoder_2`` and ``tokenizer_2``, safetensors weights) and then loaded by the same code that
+loads a downloaded model. A ``taesd`` subfolder holds the matching tiny autoencoder (TAESD, or
+TAESDXL for SDXL models: the same architecture). Speed depends on the architecture, not on the
+weight values, so benchmarks on these models are honest.
 
 The weights are random except for a few layers set by :mod:`bridge.models.passthrough`, so that a
 picture gets through: both autoencoders round-trip images approximately (blurred to the latent
-grid), and the UNet removes most of the noise it is given and tints the picture by the prompt.
-img2img output therefore follows its input, and two prompts give visibly different outputs.
+grid), and the UNet removes most of the noise it is given and, where its first level has
+cross-attention, tints the picture by the prompt. img2img output therefore follows its input, and
+on ``tiny`` and ``tiny-xl`` two prompts give visibly different outputs.
 
 The architectures:
 
@@ -21,6 +23,14 @@ The architectures:
     4 latent channels. TAESD: AutoencoderTiny with 8 channels and one block per level, three
     downsamplings, 4 latent channels. Text encoder: CLIP with hidden size 32, 2 layers, 4 heads,
     intermediate size 64.
+
+``synthetic:tiny-xl`` (float32 weights; SDXL's shape at the size of ``tiny``)
+    UNet: as ``tiny`` with cross-attention at both levels, SDXL's linear projections, two
+    transformer layers at the second level, and SDXL's ``text_time`` added conditioning
+    (addition_time_embed_dim 8: six size ids of 8 channels each beside a 24-wide pooled text
+    embedding); cross_attention_dim 80, the two text encoders' widths side by side. VAE and TAESD
+    as ``tiny``. Text encoders: a CLIPTextModel as ``tiny``'s, and a CLIPTextModelWithProjection
+    (hidden 48, 2 layers, gelu, projection_dim 24) standing for OpenCLIP ViT-bigG.
 
 ``synthetic:sd-turbo`` (float16 weights; the SD 2.1 architecture sd-turbo uses)
     UNet: block_out_channels (320, 640, 1280, 1280), layers_per_block 2, attention_head_dim
@@ -34,13 +44,30 @@ The architectures:
     859,520,964 parameters. Text encoder: CLIP ViT-L/14: hidden 768, 12 layers, 12 heads,
     intermediate 3072, quick_gelu, projection_dim 768: 123,060,480 parameters.
 
-Both large models use the SD VAE (AutoencoderKL, block_out_channels (128, 256, 512, 512),
-layers_per_block 2, scaling_factor 0.18215: 83,653,863 parameters) and TAESD (AutoencoderTiny
-with its defaults: 2,445,063 parameters).
+``synthetic:sdxl-turbo`` (float16 weights; the SDXL architecture sdxl-turbo uses)
+    UNet: stabilityai/sdxl-turbo's unet/config.json: block_out_channels (320, 640, 1280),
+    DownBlock2D then two CrossAttnDownBlock2D, transformer_layers_per_block (1, 2, 10),
+    attention_head_dim (5, 10, 20), cross_attention_dim 2048, text_time added conditioning
+    (addition_time_embed_dim 256, projection_class_embeddings_input_dim 2816), sample_size 64:
+    2,567,463,684 parameters. Text encoders (its text_encoder and text_encoder_2 config.json):
+    CLIP ViT-L/14 as in SD 1.5, and OpenCLIP ViT-bigG/14 as a CLIPTextModelWithProjection:
+    hidden 1280, 32 layers, 20 heads, intermediate 5120, gelu, projection_dim 1280:
+    694,659,840 parameters. VAE: the SD VAE architecture with SDXL's scaling_factor 0.13025.
 
-Every model has CLIP's 49408-token embedding table, a CLIP tokenizer (see
+``synthetic:sdxs`` (float16 weights; the pruned one-step UNet of SDXS-512)
+    UNet: IDKiro/sdxs-512-0.9's unet/config.json: SD 2.1 base with its middle block, its
+    lowest-resolution level and the attention of its highest-resolution level removed:
+    block_out_channels (320, 640, 1280), DownBlock2D then two CrossAttnDownBlock2D,
+    layers_per_block 1, attention_head_dim (5, 10, 20), cross_attention_dim 1024, no mid block:
+    318,695,364 parameters. Text encoder as ``sd-turbo``'s.
+
+The large models other than ``sdxl-turbo`` use the SD VAE (AutoencoderKL, block_out_channels
+(128, 256, 512, 512), layers_per_block 2, scaling_factor 0.18215: 83,653,863 parameters); all use
+TAESD's architecture (AutoencoderTiny with its defaults: 2,445,063 parameters).
+
+Every model has CLIP's 49408-token embedding table, CLIP tokenizers (see
 :mod:`bridge.models.clip_vocab`) and an LCMScheduler configuration with Stable Diffusion's
-training betas (scaled_linear from 0.00085 to 0.012 over 1000 steps).
+training betas (scaled_linear from 0.00085 to 0.012 over 1000 steps), which SDXL shares.
 """
 
 from __future__ import annotations
@@ -57,7 +84,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bridge.models.clip_vocab import (
     BOS_TOKEN,
@@ -71,12 +98,13 @@ from bridge.models.passthrough import kl_passthrough, taesd_passthrough, unet_pa
 
 SYNTHETIC_PREFIX = "synthetic:"
 # Bump when a recipe below changes, so cached folders built from the old one are not reused.
+# (A model added with a new name needs no bump: no folder of that name exists yet.)
 RECIPE_VERSION = 2
 TAESD_SUBFOLDER = "taesd"
 CACHE_ENV = "SD_BRIDGE_CACHE"
 
 # Seeds per component, so each component's weights do not depend on the build order.
-_SEEDS = {"unet": 1, "vae": 2, TAESD_SUBFOLDER: 3, "text_encoder": 4}
+_SEEDS = {"unet": 1, "vae": 2, TAESD_SUBFOLDER: 3, "text_encoder": 4, "text_encoder_2": 5}
 
 SD_SCHEDULER: Mapping[str, Any] = {
     "num_train_timesteps": 1000,
@@ -90,13 +118,18 @@ SD_SCHEDULER: Mapping[str, Any] = {
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """One synthetic model: constructor arguments of each component, and the weights' precision."""
+    """One synthetic model: constructor arguments of each component, and the weights' precision.
+
+    ``text_encoder_2`` is SDXL's second text encoder (a CLIPTextModelWithProjection), None for
+    models with one.
+    """
 
     unet: Mapping[str, Any]
     vae: Mapping[str, Any]
     taesd: Mapping[str, Any]
     text_encoder: Mapping[str, Any]
     half_precision: bool
+    text_encoder_2: Mapping[str, Any] | None = None
 
 
 def _sd_unet(
@@ -139,6 +172,103 @@ SD_VAE: Mapping[str, Any] = {
     "latent_channels": 4,
     "scaling_factor": 0.18215,
 }
+# stabilityai/sdxl-turbo vae/config.json: the SD VAE's architecture with another latent scale.
+SDXL_VAE: Mapping[str, Any] = {**SD_VAE, "scaling_factor": 0.13025}
+
+# stabilityai/sdxl-turbo unet/config.json (sample_size 64: trained at 512x512).
+SDXL_TURBO_UNET: Mapping[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+# IDKiro/sdxs-512-0.9 unet/config.json, as the SDXS paper (arXiv 2403.16627) describes it: SD 2.1
+# base without its middle block, its lowest-resolution level and the attention of its highest-
+# resolution level, one resnet per level: 318,695,364 parameters, the paper's 319M.
+SDXS_UNET: Mapping[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": None,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+}
+
+# stabilityai/stable-diffusion-2-1-base text_encoder/config.json (and sd-turbo's).
+OPEN_CLIP_VIT_H: Mapping[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 1024,
+}
+# stable-diffusion-v1-5 text_encoder/config.json; also SDXL's first text encoder.
+CLIP_VIT_L: Mapping[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+# stabilityai/sdxl-turbo text_encoder_2/config.json.
+OPEN_CLIP_VIT_BIGG: Mapping[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+TINY_VAE: Mapping[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (16, 32, 32, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+}
+TINY_TAESD: Mapping[str, Any] = {
+    # Eight channels keep the CPU demo fast: the full-resolution convolutions dominate.
+    "encoder_block_out_channels": (8, 8, 8, 8),
+    "decoder_block_out_channels": (8, 8, 8, 8),
+    "num_encoder_blocks": (1, 1, 1, 1),
+    "num_decoder_blocks": (1, 1, 1, 1),
+    "latent_channels": 4,
+}
+TINY_TEXT: Mapping[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+}
 
 SPECS: Mapping[str, SyntheticSpec] = {
     "tiny": SyntheticSpec(
@@ -155,33 +285,42 @@ SPECS: Mapping[str, SyntheticSpec] = {
             "attention_head_dim": 4,
             "cross_attention_dim": 32,
         },
-        vae={
-            "sample_size": 64,
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (16, 32, 32, 32),
+        vae=TINY_VAE,
+        taesd=TINY_TAESD,
+        text_encoder=TINY_TEXT,
+        half_precision=False,
+    ),
+    "tiny-xl": SyntheticSpec(
+        unet={
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            # Cross-attention at the first level, unlike SDXL, so that the prompt shows.
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "block_out_channels": (32, 64),
             "layers_per_block": 1,
-            "norm_num_groups": 4,
-            "latent_channels": 4,
-            "scaling_factor": 0.18215,
+            "norm_num_groups": 8,
+            "attention_head_dim": (4, 8),
+            "transformer_layers_per_block": (1, 2),
+            "cross_attention_dim": 32 + 48,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            # The pooled embedding (24) and six size ids of addition_time_embed_dim each.
+            "projection_class_embeddings_input_dim": 24 + 6 * 8,
         },
-        taesd={
-            # Eight channels keep the CPU demo fast: the full-resolution convolutions dominate.
-            "encoder_block_out_channels": (8, 8, 8, 8),
-            "decoder_block_out_channels": (8, 8, 8, 8),
-            "num_encoder_blocks": (1, 1, 1, 1),
-            "num_decoder_blocks": (1, 1, 1, 1),
-            "latent_channels": 4,
-        },
-        text_encoder={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "hidden_act": "quick_gelu",
-            "projection_dim": 32,
+        vae=TINY_VAE,
+        taesd=TINY_TAESD,
+        text_encoder=TINY_TEXT,
+        # Wider than the first encoder, as in SDXL: diffusers tells the two apart by width when
+        # it converts a single-file checkpoint.
+        text_encoder_2={
+            **TINY_TEXT,
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "hidden_act": "gelu",
+            "projection_dim": 24,
         },
         half_precision=False,
     ),
@@ -189,28 +328,29 @@ SPECS: Mapping[str, SyntheticSpec] = {
         unet=_sd_unet((5, 10, 20, 20), 1024, linear=True),
         vae=SD_VAE,
         taesd={},
-        text_encoder={
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 23,
-            "num_attention_heads": 16,
-            "hidden_act": "gelu",
-            "projection_dim": 1024,
-        },
+        text_encoder=OPEN_CLIP_VIT_H,
         half_precision=True,
     ),
     "sd15": SyntheticSpec(
         unet=_sd_unet(8, 768, linear=False),
         vae=SD_VAE,
         taesd={},
-        text_encoder={
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "hidden_act": "quick_gelu",
-            "projection_dim": 768,
-        },
+        text_encoder=CLIP_VIT_L,
+        half_precision=True,
+    ),
+    "sdxl-turbo": SyntheticSpec(
+        unet=SDXL_TURBO_UNET,
+        vae=SDXL_VAE,
+        taesd={},
+        text_encoder=CLIP_VIT_L,
+        text_encoder_2=OPEN_CLIP_VIT_BIGG,
+        half_precision=True,
+    ),
+    "sdxs": SyntheticSpec(
+        unet=SDXS_UNET,
+        vae=SD_VAE,
+        taesd={},
+        text_encoder=OPEN_CLIP_VIT_H,
         half_precision=True,
     ),
 }
@@ -233,10 +373,15 @@ def default_synthetic_root() -> Path:
     return root / "synthetic"
 
 
-def text_encoder_config(spec: SyntheticSpec, vocabulary: Mapping[str, int]) -> CLIPTextConfig:
-    """The CLIP text encoder configuration of ``spec``, with the token ids of ``vocabulary``."""
+def text_encoder_config(
+    settings: Mapping[str, Any], vocabulary: Mapping[str, int]
+) -> CLIPTextConfig:
+    """A CLIP text encoder configuration from ``settings``, with the token ids of ``vocabulary``.
+
+    ``settings`` is a spec's ``text_encoder`` or ``text_encoder_2``.
+    """
     return CLIPTextConfig(
-        **spec.text_encoder,
+        **settings,
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=vocabulary[BOS_TOKEN],
@@ -279,7 +424,8 @@ def ensure_synthetic(name: str, root: str | Path | None = None) -> Path:
 
 def write_synthetic(spec: SyntheticSpec, folder: Path) -> None:
     """Write a diffusers folder for ``spec`` with seeded see-through weights into ``folder``."""
-    vocabulary = write_clip_tokenizer(folder / "tokenizer", find_open_clip_bpe())
+    bpe = find_open_clip_bpe()
+    vocabulary = write_clip_tokenizer(folder / "tokenizer", bpe)
     scheduler = LCMScheduler(**SD_SCHEDULER)
     scheduler.save_pretrained(folder / "scheduler")
 
@@ -289,8 +435,15 @@ def write_synthetic(spec: SyntheticSpec, folder: Path) -> None:
         ),
         "vae": lambda: kl_passthrough(AutoencoderKL(**spec.vae)),
         TAESD_SUBFOLDER: lambda: taesd_passthrough(AutoencoderTiny(**spec.taesd)),
-        "text_encoder": lambda: CLIPTextModel(text_encoder_config(spec, vocabulary)),
+        "text_encoder": lambda: CLIPTextModel(text_encoder_config(spec.text_encoder, vocabulary)),
     }
+    if spec.text_encoder_2 is not None:
+        settings = spec.text_encoder_2
+        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(
+            text_encoder_config(settings, vocabulary)
+        )
+        write_clip_tokenizer(folder / "tokenizer_2", bpe)
+        _set_pad_token(folder / "tokenizer_2", "!")
     for subfolder, build in builders.items():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEEDS[subfolder])
@@ -307,17 +460,41 @@ def write_synthetic(spec: SyntheticSpec, folder: Path) -> None:
     settings = json.loads(taesd_config.read_text(encoding="utf-8"))
     settings.pop("block_out_channels", None)
     taesd_config.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    model_index_file = folder / "model_index.json"
+    model_index_file.write_text(json.dumps(model_index(spec), indent=2), encoding="utf-8")
 
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
+
+def model_index(spec: SyntheticSpec) -> dict[str, Any]:
+    """The ``model_index.json`` of a synthetic model: SD's pipeline, or SDXL's with two encoders."""
+    parts: dict[str, Any] = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "LCMScheduler"],
+    }
+    if spec.text_encoder_2 is not None:
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers.__version__,
+            **parts,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "force_zeros_for_empty_prompt": True,
+        }
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        **parts,
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+
+
+def _set_pad_token(folder: Path, token: str) -> None:
+    """SDXL's second tokenizer pads with ``!`` (OpenCLIP's habit), not with the end token."""
+    config_file = folder / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    settings["pad_token"] = token
+    config_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")

@@ -1,18 +1,22 @@
 """`sd-bridge bench`: our pipeline against the original StreamDiffusion, same models, same run.
 
-Each case names an architecture, a mode and the stream settings. For every case the original
-(PyPI `streamdiffusion`, its `StreamDiffusion` class) runs first when it is installed, then our
-pipeline once per acceleration mode, all on the very same model objects. Frames stay on the GPU
-for both (a float tensor in for the original, which its API wants; uint8 in and out for ours),
-and every frame is waited for, as a live stream must: the timings are per-frame latencies, and
-fps is frames over wall-clock time.
+Each case names an architecture, a mode and the stream settings. For every case the baseline
+runs first, then our pipeline once per acceleration mode, all on the very same model objects.
+The baseline is the original (PyPI `streamdiffusion`, its `StreamDiffusion` class) when it is
+installed; it has no SDXL, so SDXL cases measure diffusers' own `StableDiffusionXLImg2ImgPipeline`
+instead (one denoising step, the same weights and size). Frames stay on the GPU for all (a float
+tensor in for the baselines, which their APIs want; uint8 in and out for ours), and every frame
+is waited for, as a live stream must: the timings are per-frame latencies, and fps is frames over
+wall-clock time. Each run also reports its peak GPU memory.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +44,12 @@ class Case:
     width: int = 512
     height: int = 512
     frame_buffer_size: int = 1
+    # "original" StreamDiffusion, "diffusers-xl" (StableDiffusionXLImg2ImgPipeline) for SDXL, or
+    # "none" where the cases compare among themselves (live LoRAs against fused ones).
+    baseline: str = "original"
+    # Random rank-16 LoRAs of the attention layers: live (scales that change) or fused.
+    loras: int = 0
+    fuse_loras: bool = False
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -83,12 +93,63 @@ GPU_CASES = {
         1024,
         576,
     ),
+    "sdxl-turbo-img2img": Case(
+        "sdxl-turbo img2img 1 step",
+        "synthetic:sdxl-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="diffusers-xl",
+    ),
+    "sdxl-turbo-img2img-1024": Case(
+        "sdxl-turbo img2img 1 step 1024x1024",
+        "synthetic:sdxl-turbo",
+        "img2img",
+        (32,),
+        "none",
+        1024,
+        1024,
+        baseline="diffusers-xl",
+    ),
+    "sdxs-img2img": Case("sdxs img2img 1 step", "synthetic:sdxs", "img2img", (32,), "none"),
+    "turbo-img2img-2lora-live": Case(
+        "sd-turbo img2img 1 step, 2 live LoRAs",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        loras=2,
+    ),
+    "turbo-img2img-2lora-fused": Case(
+        "sd-turbo img2img 1 step, 2 fused LoRAs",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        loras=2,
+        fuse_loras=True,
+    ),
 }
 CPU_CASES = {
     "tiny-img2img": Case(
         "tiny img2img [32, 45] RCFG self", "synthetic:tiny", "img2img", (32, 45), "self", 64, 64
     ),
     "tiny-txt2img": Case("tiny txt2img 1 step", "synthetic:tiny", "txt2img", (0,), "none", 64, 64),
+}
+# The SDXL path at CPU size, for a smoke run of what the SDXL cases do.
+CPU_SMOKE_CASES = {
+    "tinyxl-img2img": Case(
+        "tiny-xl img2img 1 step",
+        "synthetic:tiny-xl",
+        "img2img",
+        (32,),
+        "none",
+        64,
+        64,
+        baseline="diffusers-xl",
+    ),
 }
 
 
@@ -107,6 +168,8 @@ class Result:
     setup_s: float
     error: str = ""
     extra: dict = field(default_factory=dict)
+    # The most GPU memory the run held at once (torch's allocator), 0 on the CPU.
+    peak_memory_mb: float = 0.0
 
 
 def device_name(device: torch.device) -> str:
@@ -188,6 +251,10 @@ class _OriginalPipe:
         return self._embed(prompt), negative
 
 
+# The baselines, by the name a case gives them, and the implementation their results report.
+_IMPLEMENTATIONS = {"original": "original", "diffusers-xl": "diffusers"}
+
+
 def run_original(case: Case, components, frames: int, warmup: int) -> Result:
     """Time the original StreamDiffusion class on `case`."""
     from streamdiffusion import StreamDiffusion as Original
@@ -220,6 +287,49 @@ def run_original(case: Case, components, frames: int, warmup: int) -> Result:
         setup = time.perf_counter() - started
         times = _time_frames(step, frames, warmup, device)
     return _result(case, "original", "none", times, setup)
+
+
+def run_diffusers_xl(case: Case, components, frames: int, warmup: int) -> Result:
+    """Time diffusers' StableDiffusionXLImg2ImgPipeline on `case`, one UNet call per frame."""
+    from diffusers import LCMScheduler, StableDiffusionXLImg2ImgPipeline
+
+    device, dtype = components.unet.device, components.unet.dtype
+    started = time.perf_counter()
+    pipeline = StableDiffusionXLImg2ImgPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=components.unet,
+        scheduler=LCMScheduler.from_config(components.scheduler.config),
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        # The prompt is encoded once, as ours is: the timings are of the frames alone.
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            PROMPT, device=device, do_classifier_free_guidance=False
+        )
+        image = torch.rand(
+            (case.frame_buffer_size, 3, case.height, case.width), device=device, dtype=dtype
+        )
+
+        def step():
+            # Two steps at strength 0.5 run the UNet once, as sdxl-turbo's img2img example does.
+            return pipeline(
+                image=image,
+                prompt_embeds=embeds.expand(case.frame_buffer_size, -1, -1),
+                pooled_prompt_embeds=pooled.expand(case.frame_buffer_size, -1),
+                num_inference_steps=2,
+                strength=0.5,
+                guidance_scale=0.0,
+                output_type="pt",
+            ).images
+
+        setup = time.perf_counter() - started
+        times = _time_frames(step, frames, warmup, device)
+    return _result(case, "diffusers", "none", times, setup)
 
 
 def run_ours(case: Case, components, accel: str, frames: int, warmup: int) -> Result:
@@ -269,42 +379,56 @@ def run_bench(
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Run the named cases; an implementation that fails records its error and the rest go on."""
-    cases = {**GPU_CASES, **CPU_CASES}
+    """Run the named cases; an implementation that fails records its error and the rest go on.
+
+    `original` asks for the original StreamDiffusion on the cases it can run; SDXL cases always
+    run their diffusers baseline. Accelerations that need CUDA are left out on other devices.
+    """
+    cases = {**GPU_CASES, **CPU_CASES, **CPU_SMOKE_CASES}
     unknown = [name for name in case_names if name not in cases]
     if unknown:
         raise ValueError(f"unknown bench case {unknown[0]!r}; choose from {', '.join(cases)}.")
+    if device.type != "cuda" and any(accel != "none" for accel in accels):
+        log(f"note: accel {', '.join(accels)} needs CUDA; on {device} only accel none runs.")
+        accels = ["none"]
     results: list[Result] = []
     loaded: dict[str, object] = {}
     for name in case_names:
         case = cases[name]
-        if case.model not in loaded:
+        key = f"{case.model} loras={case.loras} fused={case.fuse_loras}"
+        if key not in loaded:
             loaded.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"loading {case.model} on {device} ({dtype})")
             load_started = time.perf_counter()
             components = load_components(case.model, vae="tiny", device=device, dtype=dtype)
+            _add_loras(components, case)
             log(f"loaded {case.model} in {time.perf_counter() - load_started:.1f} s")
             if device.type == "cuda":
                 # Both implementations run on the same memory layout.
                 components.unet.to(memory_format=torch.channels_last)
                 components.vae.to(memory_format=torch.channels_last)
-            loaded[case.model] = components
-        components = loaded[case.model]
-        runs = (["original"] if original else []) + list(accels)
+            loaded[key] = components
+        components = loaded[key]
+        baseline = case.baseline == "diffusers-xl" or (original and case.baseline == "original")
+        runs = ([case.baseline] if baseline else []) + list(accels)
         for accel in runs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             try:
                 if accel == "original":
                     result = run_original(case, components, frames, warmup)
+                elif accel == "diffusers-xl":
+                    result = run_diffusers_xl(case, components, frames, warmup)
                 else:
                     result = run_ours(case, components, accel, frames, warmup)
             except Exception as error:  # a failing implementation must not hide the others
-                implementation = "original" if accel == "original" else "ours"
+                implementation = _IMPLEMENTATIONS.get(accel, "ours")
                 result = Result(
                     case.name,
                     implementation,
-                    "none" if accel == "original" else accel,
+                    "none" if accel in _IMPLEMENTATIONS else accel,
                     0,
                     0.0,
                     0.0,
@@ -313,9 +437,31 @@ def run_bench(
                     0.0,
                     error=f"{type(error).__name__}: {error}",
                 )
+            if device.type == "cuda":
+                result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
             results.append(result)
             log(format_row(result))
     return results
+
+
+def _add_loras(components, case: Case) -> None:
+    """Put the case's random LoRA files on the model, fused or live (at scale 0.8)."""
+    if not case.loras:
+        return
+    from bridge.models.live_lora import load_live_loras
+    from bridge.models.lora import fuse_loras
+    from bridge.models.synthetic_lora import write_synthetic_lora
+
+    folder = Path(tempfile.mkdtemp(prefix="sd-bridge-lora-"))
+    loras = [
+        (write_synthetic_lora(components, folder / f"lora{index}.safetensors", seed=index), 0.8)
+        for index in range(case.loras)
+    ]
+    if case.fuse_loras:
+        fuse_loras(components, loras)
+    else:
+        load_live_loras(components, loras)
+    shutil.rmtree(folder)
 
 
 def format_row(result: Result) -> str:
@@ -326,25 +472,29 @@ def format_row(result: Result) -> str:
         )
     return (
         f"| {result.case} | {result.implementation} | {result.accel} | {result.fps:.1f} | "
-        f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.latency_ms:.2f} |"
+        f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.latency_ms:.2f} | "
+        f"{result.peak_memory_mb:.0f} |"
     )
 
 
 def table(results: Sequence[Result]) -> str:
-    """A markdown table with the speed-up of each of our runs over the original on that case."""
-    original = {r.case: r.fps for r in results if r.implementation == "original" and not r.error}
+    """A markdown table with the speed-up of each of our runs over the baseline of that case
+    (the original StreamDiffusion, or diffusers for SDXL) and each run's peak GPU memory."""
+    baselines = set(_IMPLEMENTATIONS.values())
+    original = {r.case: r.fps for r in results if r.implementation in baselines and not r.error}
     lines = [
-        "| case | implementation | accel | fps | p50 ms | p99 ms | latency ms | vs original |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | implementation | accel | fps | p50 ms | p99 ms | latency ms | peak GPU MiB "
+        "| vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.case} | {r.implementation} | {r.accel} | failed: {r.error} |||||")
+            lines.append(f"| {r.case} | {r.implementation} | {r.accel} | failed: {r.error} ||||||")
             continue
         ratio = f"{r.fps / original[r.case]:.2f}x" if r.case in original else ""
         lines.append(
             f"| {r.case} | {r.implementation} | {r.accel} | {r.fps:.1f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.latency_ms:.2f} | {ratio} |"
+            f"{r.p99_ms:.2f} | {r.latency_ms:.2f} | {r.peak_memory_mb:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -385,7 +535,7 @@ def draw_chart(results: Sequence[Result], title: str, path: Path) -> None:
         label = f"{r.case} - {r.implementation} {r.accel if r.implementation == 'ours' else ''}"
         draw.text((10, y + 4), label[:70], fill="black")
         length = int(width * r.fps / top)
-        colour = colours["original"] if r.implementation == "original" else colours.get(r.accel)
+        colour = colours["original"] if r.implementation != "ours" else colours.get(r.accel)
         draw.rectangle([left, y + 2, left + length, y + bar_height - 4], fill=colour)
         draw.text((left + length + 5, y + 4), f"{r.fps:.1f}", fill="black")
     image.save(path)

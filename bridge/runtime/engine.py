@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bridge.control import ParamStore, Snapshot
-from bridge.control.params import STREAM_PARAMS
+from bridge.control.params import LORA_SCALES, STREAM_PARAMS
 from bridge.io import Frame, Sink, Source, now
 from bridge.stream import StreamDiffusion
 
@@ -30,6 +31,9 @@ from .metrics import Metrics, Status
 from .prompts import Fade, PromptWorker
 from .transfer import HostTransfer, PendingFrames
 from .workers import CountingSlot, SinkWorker, SourceWorker
+
+if TYPE_CHECKING:
+    from bridge.models.live_lora import LiveLoras
 
 log = logging.getLogger("sd_bridge")
 
@@ -58,7 +62,11 @@ class EngineHooks:
 
 
 class Engine:
-    """Runs the pipeline on frames from one source and hands results to every sink."""
+    """Runs the pipeline on frames from one source and hands results to every sink.
+
+    `loras` are the LoRA adapters loaded live; their scales follow the store's
+    `lora_<index>_scale` values.
+    """
 
     def __init__(
         self,
@@ -73,6 +81,7 @@ class Engine:
         on_input_loss: str = "last",
         input_loss_after: float = 0.5,
         hold_fps: float = 30.0,
+        loras: LiveLoras | None = None,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
             raise ValueError('img2img needs a source; pass one, or use mode="txt2img".')
@@ -88,6 +97,10 @@ class Engine:
         self.store = store
         self.source = source
         self.sinks = list(sinks)
+        self.loras = loras
+        self._lora_names = {
+            LORA_SCALES.name.format(index=index): index for index in range(len(loras or ()))
+        }
         self.hooks = hooks or EngineHooks()
         self.metrics = metrics or Metrics()
         self.status_interval = status_interval
@@ -180,8 +193,15 @@ class Engine:
                 self.stream.update(seed=self._pending_seed)
         if "seed" in changed:
             self._change_seed(int(snapshot["seed"]), 0.0 if first else float(snapshot["seed_fade"]))
-        if changed & {"prompt", "negative_prompt"}:
-            fade = 0.0 if first else float(snapshot["prompt_fade"])
+        retext = False
+        for name in changed & self._lora_names.keys():
+            retext |= self.loras.set_scale(self._lora_names[name], float(snapshot[name]))
+        if retext:
+            # A LoRA on the text encoder moved: cached embeddings are stale, and the prompt is
+            # encoded again off the hot path, like a prompt change, and cut to when ready.
+            self.stream.prompts.forget()
+        if retext or changed & {"prompt", "negative_prompt"}:
+            fade = 0.0 if first or retext else float(snapshot["prompt_fade"])
             self._prompts.request(str(snapshot["prompt"]), str(snapshot["negative_prompt"]), fade)
 
     def _change_seed(self, seed: int, fade_seconds: float) -> None:
@@ -235,10 +255,14 @@ class Engine:
         return 0 if launched is None else len(launched.capture_times)
 
     def _launch_guarded(self) -> PendingFrames | None:
-        """A frame step that fails (out of GPU memory after a change, say) is not the end."""
+        """A frame step that fails (out of GPU memory after a change, say) is not the end.
+
+        Any exception counts, a bug included: one bad configuration must not end a set. Only
+        `MAX_FAILED_STEPS` failures in a row stop the engine.
+        """
         try:
             launched = self._launch()
-        except RuntimeError as error:
+        except Exception as error:
             self._failed_steps += 1
             if self._failed_steps > MAX_FAILED_STEPS:
                 raise

@@ -16,6 +16,7 @@ from typing import Any
 
 from bridge.control import OscServer, OscServerError, ParamStore
 from bridge.control.osc_server import parse_target
+from bridge.control.params import LORA_SCALES
 from bridge.io import Sink, Source, TransportError, open_sink, open_source
 from bridge.io.transports import check_uri
 from bridge.runtime.settings import parse_lora
@@ -98,7 +99,8 @@ def run_bridge(
     try:
         try:
             loras = check_settings(settings)
-            store = ParamStore(settings.store_values())
+            live_scales = [] if settings.fuse_loras else [scale for _, scale in loras]
+            store = ParamStore(settings.store_values(), families={LORA_SCALES: live_scales})
             osc = _start_osc(settings, store, stop)
             if settings.mode == "img2img":
                 source = open_source(
@@ -166,7 +168,6 @@ def _build_engine(
     import torch
 
     from bridge.accel import accelerate
-    from bridge.models import load_components
     from bridge.runtime.engine import Engine, EngineHooks
     from bridge.stream import StreamDiffusion
 
@@ -176,15 +177,11 @@ def _build_engine(
     accel = pick_accel(settings.accel, device)
     if not settings.quiet:
         say(f"loading {settings.model} on {device} ({str(dtype).removeprefix('torch.')})")
-    components = load_components(
-        settings.model,
-        vae=None if settings.vae == "model" else settings.vae,
-        loras=list(loras),
-        lcm_lora=settings.lcm_lora or None,
-        device=device,
-        dtype=dtype,
-        download=settings.download,
-    )
+    components, live_loras = load_model(settings, loras, device, dtype)
+    if live_loras is not None and not settings.quiet:
+        for index, adapter in enumerate(live_loras.adapters):
+            address = LORA_SCALES.address.format(index=index)
+            say(f"LoRA {adapter.path.name} at scale {live_loras.scale(index)}, live at {address}")
     if not settings.quiet:
         say(f"preparing the stream (accel {accel})")
     with torch.inference_mode():
@@ -224,7 +221,33 @@ def _build_engine(
         hooks=hooks,
         on_input_loss=settings.on_input_loss,
         hold_fps=settings.fps,
+        loras=live_loras,
     )
+
+
+def load_model(
+    settings: Any, loras: Sequence[tuple[str, float]], device: Any, dtype: Any
+) -> tuple[Any, Any]:
+    """Load the model and its LoRA files: fused at their scales with `fuse_loras`, else live.
+
+    Returns the components and their live LoRAs (None when there are none).
+    """
+    from bridge.models import load_components
+    from bridge.models.live_lora import load_live_loras
+    from bridge.models.lora import check_loras
+
+    # Checked before the model loads, so a missing file is named at once.
+    live = [] if settings.fuse_loras else check_loras(loras)
+    components = load_components(
+        settings.model,
+        vae=None if settings.vae == "model" else settings.vae,
+        loras=list(loras) if settings.fuse_loras else [],
+        lcm_lora=settings.lcm_lora or None,
+        device=device,
+        dtype=dtype,
+        download=settings.download,
+    )
+    return components, load_live_loras(components, live)
 
 
 def _serve(

@@ -12,6 +12,8 @@ MAX_SIDE = 4096
 # A quarter turn (pi/2, written rounded up so that the documented 1.5708 is accepted): at that
 # angle a drift step lands on noise orthogonal to the last, as far as one step can usefully go.
 MAX_NOISE_DRIFT = 1.5708
+# Most frames a feature bank holds: the attention of the largest layers grows with each frame.
+MAX_FEATURE_BANK = 8
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,13 @@ class StreamConfig:
     noise serves both uses: the noise added to a new frame's latent (img2img) or that the frame
     starts from (txt2img), and the re-noising between steps (`do_add_noise`). A change of `noise`
     or `seed` starts again from the seed's noise; none of the three needs a new graph capture.
+
+    `feature_bank_size` N > 0 lets every self-attention layer attend to the last N frames too
+    (see `feature_bank`); `feature_bank_strength` blends the outputs of the lower-resolution
+    layers towards their most similar banked features whose cosine similarity reaches
+    `feature_bank_threshold`. `latent_feedback` blends the latest finished latent into each new
+    input latent (img2img). Strength, threshold and feedback change without a new capture; a
+    change of N starts an empty bank and captures the graph again.
     """
 
     width: int = 512
@@ -50,6 +59,10 @@ class StreamConfig:
     similarity_filter: bool = False
     similarity_threshold: float = 0.98
     max_skip_frames: int = 10
+    feature_bank_size: int = 0
+    feature_bank_strength: float = 0.8
+    feature_bank_threshold: float = 0.98
+    latent_feedback: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(self.t_index_list))
@@ -126,3 +139,7 @@ def validate(config: StreamConfig) -> None:
     if threshold >= 1.0:
         raise ValueError(f"similarity_threshold must be below 1.0, got {threshold}.")
     _check_int("max_skip_frames", config.max_skip_frames, 0, 10_000)
+    _check_int("feature_bank_size", config.feature_bank_size, 0, MAX_FEATURE_BANK)
+    _check_float("feature_bank_strength", config.feature_bank_strength, 0.0, 1.0)
+    _check_float("feature_bank_threshold", config.feature_bank_threshold, 0.0, 1.0)
+    _check_float("latent_feedback", config.latent_feedback, 0.0, 1.0)

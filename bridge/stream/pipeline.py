@@ -41,6 +41,15 @@ anew. A change of seed or mode starts again from the seed's noise with that gene
 one seed and mode give one sequence of frames (on one kind of device). The original's "stock
 noise" needs no state of its own: eps_ref is computed from x_t, so in img2img it equals, at a
 frame's first step, whatever noise the frame was given.
+
+Temporal consistency. With a feature bank (`feature_bank_size` N > 0) every self-attention
+layer of the UNet also attends to its keys and values of the last N frames, and the lower-
+resolution ones blend their outputs towards the most similar banked ones (feature_bank.py derives
+it). In stream batch a frame at step j looks at the frames that went through step j before it,
+as the k steps one after the other do. Latent feedback blends the latest finished latent x0_prev
+into each new input latent before it is noised (img2img):
+    x0_in <- x0_in + w * (x0_prev - x0_in),
+with w = 0 until a first frame is finished, so that w = 0 leaves x0_in as it was, bit for bit.
 """
 
 from __future__ import annotations
@@ -51,7 +60,9 @@ from typing import Any
 
 import torch
 
+from .conditioning import check_resolution, prompt_conditioning
 from .config import StreamConfig
+from .feature_bank import FeatureBank, install
 from .frames import (
     PixelArray,
     check_frame,
@@ -60,7 +71,6 @@ from .frames import (
     to_device_pixels,
     to_model_input,
 )
-from .prompts import PromptEncoder
 from .schedule import StepSchedule, build_schedule
 from .similarity import SimilarityFilter
 
@@ -107,7 +117,8 @@ class StreamDiffusion:
     """The StreamDiffusion algorithm: frames in, frames out, nothing else.
 
     `components` is anything with `unet`, `vae`, `text_encoder`, `tokenizer` and an LCM
-    `scheduler` (see `bridge.models.load_components`). Models must already sit on their device.
+    `scheduler` (see `bridge.models.load_components`), and for an SDXL UNet `text_encoder_2` and
+    `tokenizer_2` too (conditioning.py). Models must already sit on their device.
     """
 
     def __init__(
@@ -124,10 +135,13 @@ class StreamDiffusion:
         self.scheduler = components.scheduler
         self.device = self.unet.device
         self.dtype = self.unet.dtype
-        self.prompts = PromptEncoder(
-            components.tokenizer, components.text_encoder, cache_size=prompt_cache_size
+        # SDXL's pooled text embedding travels packed with the tokens (conditioning.py), so a
+        # prompt is one tensor for every family; its size ids live in `self.conditioning`.
+        self.prompts, self.conditioning = prompt_conditioning(
+            components, self.device, self.dtype, cache_size=prompt_cache_size
         )
         self.config = config if config is not None else StreamConfig()
+        check_resolution(self.unet.config, self.config.width, self.config.height)
         self.unet_calls = 0
         self.frames_processed = 0
         self.frames_skipped = 0
@@ -147,6 +161,12 @@ class StreamDiffusion:
         self._generator = torch.Generator(device=self.device)
         self._last_output: torch.Tensor | None = None
         self._last_format = ""
+        self._bank_strength = torch.tensor(self.config.feature_bank_strength, device=self.device)
+        self._bank_threshold = torch.tensor(self.config.feature_bank_threshold, device=self.device)
+        self._bank: FeatureBank | None = None
+        self._latent_feedback = torch.tensor(self.config.latent_feedback, device=self.device)
+        # 0 until a frame is finished after a reset, then 1: feedback never blends in a stale frame.
+        self._feedback_ready = torch.zeros((), device=self.device)
         self._rebuild()
 
     # ----------------------------------------------------------------- live changes
@@ -197,11 +217,15 @@ class StreamDiffusion:
     def update(self, **changes: Any) -> None:
         """Change settings live; shapes are rebuilt only when a shape-changing setting moves."""
         config = self.config.with_changes(**changes)
+        check_resolution(self.unet.config, config.width, config.height)
         moved = {name for name in changes if getattr(config, name) != getattr(self.config, name)}
         self.config = config
         self._guidance_minus_one.fill_(effective_guidance(config.guidance_scale) - 1.0)
         self._delta.fill_(config.delta)
         self._noise_weights.copy_(torch.tensor(noise_weights(config)))
+        self._bank_strength.fill_(config.feature_bank_strength)
+        self._bank_threshold.fill_(config.feature_bank_threshold)
+        self._latent_feedback.fill_(config.latent_feedback)
         if moved & _RESHAPING_FIELDS:
             self._rebuild()
             return
@@ -209,6 +233,8 @@ class StreamDiffusion:
             self._restart_noise()
         if moved & _FILTER_FIELDS:
             self._filter = self._make_filter()
+        if moved & {"feature_bank_size", "cfg_type"}:  # the bank has a row per UNet latent
+            self._sync_bank()
 
     def reset(self) -> None:
         """Drop the frames in flight; the next frame refills the buffer."""
@@ -216,6 +242,9 @@ class StreamDiffusion:
         self._last_output = None
         if self._filter is not None:
             self._filter.reset()
+        self._feedback_ready.zero_()
+        if self._bank is not None:
+            self._bank.empty()
 
     def graph_key(self, pixels: torch.Tensor, pixel_format: str) -> tuple:
         """What fixes the shapes and branches of `frame_step`; a captured graph is valid per key."""
@@ -232,11 +261,14 @@ class StreamDiffusion:
             cfg.use_denoising_batch,
             cfg.do_add_noise,
             cfg.mode,
+            cfg.feature_bank_size,
         )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors a frame step advances; saved and restored around graph warm-up."""
-        return [self._buffer, self._ref_buffer, self._noise]
+        banked = [] if self._bank is None else self._bank.state_tensors()
+        feedback = [self._feedback, self._feedback_ready]
+        return [self._buffer, self._ref_buffer, self._noise, *feedback, *banked]
 
     def generators(self) -> list[torch.Generator]:
         """The generators a frame step draws from: a graph registers them, warm-up restores them."""
@@ -279,7 +311,9 @@ class StreamDiffusion:
         return like_input(self._run(pixels, pixel_format), frame)
 
     def _run(self, pixels: torch.Tensor, pixel_format: str) -> torch.Tensor:
-        if self.accelerator is not None and self.primed:
+        # A filling bank makes its layers' tensors; the graph is captured after, never over it.
+        filling = self._bank is not None and self._bank.filling
+        if self.accelerator is not None and self.primed and not filling:
             output = self.accelerator(pixels, pixel_format)
         else:
             output = self.frame_step(pixels, pixel_format)
@@ -322,6 +356,20 @@ class StreamDiffusion:
         expected += self.config.latent_size
         if tuple(x0_in.shape) != expected:
             raise ValueError(f"latents of shape {tuple(x0_in.shape)} do not fit; need {expected}.")
+        if self.config.mode == "img2img":
+            gain = self._latent_feedback * self._feedback_ready
+            x0_in = x0_in + gain * (self._feedback - x0_in)
+        if self._bank is None:
+            x0_out = self._denoise(x0_in)
+        else:
+            with self._bank_switch.serve(self._bank):
+                x0_out = self._denoise(x0_in)
+        self._feedback.copy_(x0_out[-1:])
+        self._feedback_ready.fill_(1.0)
+        return x0_out
+
+    def _denoise(self, x0_in: torch.Tensor) -> torch.Tensor:
+        """One call's UNet work: stream batch, or the k steps one after the other."""
         frames = self.config.frame_buffer_size
         self._advance_noise()
         x_new = self._first_state(x0_in)
@@ -420,6 +468,8 @@ class StreamDiffusion:
         The first `fresh` latents are new frames at their first step: under "initialize" they get
         the real negative-prompt pass, whose x0 prediction becomes their reference.
         """
+        if self._bank is not None:
+            self._bank.select(self._bank_rows(steps, fresh))
         s = self._schedule
         alpha = s.alpha[steps].view(-1, 1, 1, 1)
         beta = s.beta[steps].view(-1, 1, 1, 1)
@@ -488,7 +538,9 @@ class StreamDiffusion:
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.unet_calls += 1
         self.last_unet_batch = x.shape[0]
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        if self.conditioning is None:
+            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return self.unet(x, t, **self.conditioning.unet_kwargs(context), return_dict=False)[0]
 
     # ------------------------------------------------------------------- helpers
 
@@ -516,6 +568,38 @@ class StreamDiffusion:
             )
         return embedding.to(self.device, self.dtype)
 
+    def _bank_rows(self, steps: torch.Tensor, fresh: int) -> torch.Tensor | None:
+        """The feature-bank row of each latent of the UNet call `_predict` makes for `steps`.
+
+        Row j*f + i is the frame in buffer position i at step j; the negative-prompt passes of
+        "full" and "initialize" take the rows after those, in the same order. None means every
+        row in order: the stream-batch call of "none" and "self", which needs no gather.
+        """
+        cfg = self.config
+        if steps is self._slot_steps and cfg.cfg_type in ("none", "self"):
+            return None
+        frames = cfg.frame_buffer_size
+        slots = steps * frames + torch.arange(steps.shape[0], device=self.device) % frames
+        negative = slots + cfg.denoising_steps * frames
+        if cfg.cfg_type == "full":
+            return torch.cat([negative, slots])
+        if cfg.cfg_type == "initialize" and fresh:
+            return torch.cat([negative[:fresh], slots])
+        return slots
+
+    def _sync_bank(self) -> None:
+        """Drop, keep or make the feature bank to fit the settings; a new one starts empty.
+
+        A bank of the same size and rows is kept, so that a graph captured over its tensors stays
+        valid; `reset` empties it.
+        """
+        size, rows = self.config.feature_bank_size, self.unet_batch_size
+        if size == 0:
+            self._bank = None
+        elif self._bank is None or (self._bank.size, self._bank.rows) != (size, rows):
+            self._bank_switch = install(self.unet)
+            self._bank = FeatureBank(size, rows, self._bank_strength, self._bank_threshold)
+
     def _make_filter(self) -> SimilarityFilter | None:
         cfg = self.config
         if not cfg.similarity_filter:
@@ -542,11 +626,15 @@ class StreamDiffusion:
             "_noise": torch.zeros(noise_shape, device=self.device, dtype=self.dtype),
             "_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
             "_ref_buffer": torch.zeros(buffer_shape, device=self.device, dtype=self.dtype),
+            "_feedback": torch.zeros((1, *latent_shape), device=self.device, dtype=self.dtype),
         }
         for name, value in fresh.items():
             _assign(self, name, value)
+        if self.conditioning is not None:
+            self.conditioning.set_size(cfg.width, cfg.height)
         self._restart_noise()
         self._filter = self._make_filter()
+        self._sync_bank()
         self.reset()
 
 

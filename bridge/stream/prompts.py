@@ -31,15 +31,21 @@ class PromptEncoder:
         """The (1, tokens, width) embedding of `prompt`."""
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}.")
-        cached = self._cache.get(prompt)
+        # `forget` may swap the cache from another thread: an encoding in flight keeps the old.
+        cache = self._cache
+        cached = cache.get(prompt)
         if cached is not None:
-            self._cache.move_to_end(prompt)
+            cache.move_to_end(prompt)
             return cached
         embedding = self._encode(prompt)
-        self._cache[prompt] = embedding
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        cache[prompt] = embedding
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
         return embedding
+
+    def forget(self) -> None:
+        """Drop every cached embedding: the text encoder's weights changed (a LoRA scale)."""
+        self._cache = OrderedDict()
 
     @torch.inference_mode()
     def _encode(self, prompt: str) -> torch.Tensor:

@@ -166,6 +166,32 @@ LIVE_SETTINGS: tuple[LiveSetting, ...] = (
     LiveSetting("seed_fade", "Seed fade (s)", "/sd/seed/fade", "float", 0.0, 0.0, 60.0, 0.1),
 )
 
+LORA_SLOTS = 2
+"""LoRA files the script can start the bridge with (Bridge group: lora_0_file, lora_1_file)."""
+LORA_SETTINGS: tuple[LiveSetting, ...] = tuple(
+    LiveSetting(
+        f"lora_{slot}_scale",
+        f"LoRA {slot} scale",
+        f"/sd/lora/{slot}/scale",
+        "float",
+        1.0,
+        -2.0,
+        2.0,
+        0.01,
+    )
+    for slot in range(LORA_SLOTS)
+)
+"""The live scale of each LoRA slot, also its start scale; sent only for slots with a file."""
+
+
+def lora_files(paths: Sequence[str]) -> list[str]:
+    """The LoRA files of the slots in use, which must be filled from the first on."""
+    given = [path.strip() for path in paths]
+    used = [path for path in given if path]
+    if given[: len(used)] != used:
+        raise ValueError("A LoRA slot has a file after an empty one; fill the LoRA slots in order.")
+    return used
+
 
 @dataclass
 class BridgeStatus:
@@ -196,12 +222,17 @@ class Controller:
         self._typed_at: dict[str, float] = {}
         self._subscribed_at = -RESUBSCRIBE_EVERY
         self._resend_on_report = False
+        # How many LoRA files the bridge was started with: their scales are sent, no others.
+        self.loras = 0
+
+    def _live_settings(self) -> tuple[LiveSetting, ...]:
+        return LIVE_SETTINGS + LORA_SETTINGS[: self.loras]
 
     def update(self, values: Mapping[str, object]) -> None:
         """Take the current property values; send the numbers that changed."""
         now = self._clock()
         numbers: list[Message] = []
-        for setting in LIVE_SETTINGS:
+        for setting in self._live_settings():
             if setting.key not in values:
                 continue
             value = _typed(setting, values[setting.key])
@@ -218,7 +249,7 @@ class Controller:
     def send_all(self) -> None:
         """Send every value in one bundle, as when a bridge has just started."""
         messages = []
-        for setting in LIVE_SETTINGS:
+        for setting in self._live_settings():
             if setting.key in self._values:
                 messages.append((setting.address, [self._values[setting.key]]))
                 self._sent[setting.key] = self._values[setting.key]
@@ -234,7 +265,7 @@ class Controller:
         now = self._clock()
         rested = [key for key, at in self._typed_at.items() if now - at >= TEXT_SETTLE]
         messages = []
-        for setting in LIVE_SETTINGS:
+        for setting in self._live_settings():
             if setting.key in rested:
                 del self._typed_at[setting.key]
                 if self._values[setting.key] != self._sent.get(setting.key):
@@ -283,8 +314,9 @@ INPUTS: dict[str, str] = {
     "camera": "Camera",
     "spout": "Spout sender",
     "pattern": "Test pattern",
+    "ndi": "NDI source (e.g. DistroAV's output)",
 }
-OUTPUTS: dict[str, str] = {"vcam": "Virtual camera", "spout": "Spout sender"}
+OUTPUTS: dict[str, str] = {"vcam": "Virtual camera", "spout": "Spout sender", "ndi": "NDI sender"}
 
 
 @dataclass(frozen=True)
@@ -303,6 +335,7 @@ class Launch:
     height: int
     osc_port: int
     values: Mapping[str, object] = field(default_factory=dict)
+    loras: Sequence[str] = ()
 
 
 def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
@@ -325,6 +358,9 @@ def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
         f"--guidance={values['guidance']}",
         f"--delta={values['delta']}",
         f"--seed={values['seed']}",
+    ] + [
+        f"--lora={path}:{_typed(setting, launch.values.get(setting.key, setting.default))}"
+        for path, setting in zip(lora_files(launch.loras), LORA_SETTINGS, strict=False)
     ]
 
 
@@ -334,6 +370,8 @@ def _input_uri(launch: Launch, platform: str) -> str:
     if launch.input_kind == "spout":
         _require_windows(platform, "input")
         return f"spout:{launch.input_sender}"
+    if launch.input_kind == "ndi":
+        return f"ndi:{_sender_name(launch.input_sender, 'input')}"
     if launch.input_kind not in ("camera", "obs_vcam"):
         raise ValueError(
             f"Input {launch.input_kind!r} is unknown; pick one of {', '.join(INPUTS)}."
@@ -350,6 +388,8 @@ def _output_uri(launch: Launch, platform: str) -> str:
     if launch.output_kind == "spout":
         _require_windows(platform, "output")
         return f"spout:{launch.output_sender}"
+    if launch.output_kind == "ndi":
+        return f"ndi:{_sender_name(launch.output_sender, 'output')}"
     if launch.output_kind != "vcam":
         raise ValueError(
             f"Output {launch.output_kind!r} is unknown; pick one of {', '.join(OUTPUTS)}."
@@ -367,6 +407,12 @@ def _output_uri(launch: Launch, platform: str) -> str:
                 "device to one OBS's virtual camera does not use, like /dev/video11."
             )
     return f"vcam:{device}" if device else "vcam"
+
+
+def _sender_name(name: str, role: str) -> str:
+    if not name.strip():
+        raise ValueError(f"The {role} sender name is empty; type the NDI name, e.g. OBS.")
+    return name.strip()
 
 
 def _require_windows(platform: str, role: str) -> None:

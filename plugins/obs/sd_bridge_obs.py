@@ -43,9 +43,21 @@ def script_description() -> str:
     )
 
 
+# Models the bridge runs, for the Model field's tooltip; any diffusers folder, single-file
+# checkpoint or Hugging Face id of an SD 1.x, SD 2.x or SDXL model works too.
+MODEL_CHOICES = (
+    "stabilityai/sd-turbo",
+    "stabilityai/sdxl-turbo",
+    "IDKiro/sdxs-512-0.9",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+)
+MODEL_HINT = "For example " + ", ".join(MODEL_CHOICES) + ", or a local folder or .safetensors file."
+
+
 def script_defaults(settings) -> None:
     """Default values of every property."""
-    for setting in core.LIVE_SETTINGS:
+    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
         if setting.kind == "text":
             obs.obs_data_set_default_string(settings, setting.key, setting.default)
         elif setting.kind == "int":
@@ -69,7 +81,7 @@ def script_defaults(settings) -> None:
 def script_properties():
     """The property widgets: live settings, the Bridge group, the status line."""
     props = obs.obs_properties_create()
-    for setting in core.LIVE_SETTINGS:
+    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
         if setting.kind == "text":
             text_type = obs.OBS_TEXT_MULTILINE if setting.key == "prompt" else obs.OBS_TEXT_DEFAULT
             obs.obs_properties_add_text(props, setting.key, setting.label, text_type)
@@ -84,14 +96,20 @@ def script_properties():
 
     launch = obs.obs_properties_create()
     obs.obs_properties_add_path(launch, "python", "Python executable", obs.OBS_PATH_FILE, "", None)
-    obs.obs_properties_add_text(launch, "model", "Model", obs.OBS_TEXT_DEFAULT)
+    model = obs.obs_properties_add_text(launch, "model", "Model", obs.OBS_TEXT_DEFAULT)
+    obs.obs_property_set_long_description(model, MODEL_HINT)
+    for slot in range(core.LORA_SLOTS):
+        key, label = f"lora_{slot}_file", f"LoRA {slot} file (scale above)"
+        obs.obs_properties_add_path(launch, key, label, obs.OBS_PATH_FILE, "*.safetensors", None)
     _add_list(launch, "input_kind", "Input", core.INPUTS)
     obs.obs_properties_add_text(launch, "camera", "Camera index or device", obs.OBS_TEXT_DEFAULT)
-    obs.obs_properties_add_text(launch, "input_sender", "Input Spout sender", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(
+        launch, "input_sender", "Input sender (Spout/NDI)", obs.OBS_TEXT_DEFAULT
+    )
     _add_list(launch, "output_kind", "Output", core.OUTPUTS)
     obs.obs_properties_add_text(launch, "output_device", "Output device", obs.OBS_TEXT_DEFAULT)
     obs.obs_properties_add_text(
-        launch, "output_sender", "Output Spout sender", obs.OBS_TEXT_DEFAULT
+        launch, "output_sender", "Output sender (Spout/NDI)", obs.OBS_TEXT_DEFAULT
     )
     obs.obs_properties_add_int(launch, "width", "Width", 64, 2048, 8)
     obs.obs_properties_add_int(launch, "height", "Height", 64, 2048, 8)
@@ -165,9 +183,13 @@ def _start() -> None:
         height=obs.obs_data_get_int(_settings, "height"),
         osc_port=obs.obs_data_get_int(_settings, "osc_port"),
         values=_live_values(_settings),
+        loras=[
+            obs.obs_data_get_string(_settings, f"lora_{n}_file") for n in range(core.LORA_SLOTS)
+        ],
     )
     try:
         command = core.bridge_command(launch)
+        _controller.loras = len(core.lora_files(launch.loras))
         if launch.input_kind == "obs_vcam" and not obs.obs_frontend_virtualcam_active():
             obs.obs_frontend_start_virtualcam()
         # Keyed by the OSC port, which a bridge left behind by a crash of OBS would still hold.
@@ -241,7 +263,7 @@ def _add_list(props, key: str, label: str, choices: dict[str, str]) -> None:
 
 def _live_values(settings) -> dict[str, object]:
     values: dict[str, object] = {}
-    for setting in core.LIVE_SETTINGS:
+    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
         if setting.kind == "text":
             values[setting.key] = obs.obs_data_get_string(settings, setting.key)
         elif setting.kind == "int":

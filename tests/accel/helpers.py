@@ -28,6 +28,8 @@ class LatentTap:
         decode = stream.decode
 
         def tap(latents: torch.Tensor) -> torch.Tensor:
+            if self.latest.shape != latents.shape:  # a size change, which re-captures anyway
+                self.latest = torch.zeros_like(latents)
             self.latest.copy_(latents)
             return decode(latents)
 

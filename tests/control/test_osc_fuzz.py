@@ -303,6 +303,8 @@ def test_a_mismatched_message_in_a_bundle_is_refused_and_the_rest_applies(
     reply = client.receive(10.0)
     assert reply is not None and reply[0] == "/sd/error" and reply[1][0] == "/sd/delta"
     assert "type tag 'c' is not one this server reads" in reply[1][1]
+    # The refusal goes out while the datagram is read; a round trip waits for it to apply.
+    assert client.get("/sd/seed", timeout=10.0) == [44]
     assert (store.get("seed"), store.get("delta")) == (44, 1.0)
 
 

@@ -53,8 +53,12 @@ def test_requested_addresses_and_defaults() -> None:
         assert (PARAMS_BY_NAME[name].address, PARAMS_BY_NAME[name].default) == (address, default)
 
 
-def test_only_batch_layout_params_change_shapes() -> None:
-    assert {p.name for p in PARAMS if p.changes_shapes} == {"t_index_list", "cfg_type"}
+def test_only_batch_layout_and_bank_size_params_change_shapes() -> None:
+    assert {p.name for p in PARAMS if p.changes_shapes} == {
+        "t_index_list",
+        "cfg_type",
+        "feature_bank_size",
+    }
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_unknown_scheme_lists_every_known_one():
     message = str(refused.value)
     assert message.startswith("Unknown transport 'rtsp'")
     assert message.endswith(f"transports are {', '.join(SCHEMES)}.")
-    assert set(SCHEMES) == {"spout", "cam", "vcam", "shm", "file", "pattern", "null"}
+    assert set(SCHEMES) == set("spout cam vcam shm file pattern null ndi syphon".split())
 
 
 def test_an_unknown_input_lists_only_the_schemes_that_can_be_inputs():
@@ -48,11 +48,11 @@ def test_an_unknown_input_lists_only_the_schemes_that_can_be_inputs():
         open_source("rtsp://camera.local/stream", width=8, height=8)
     assert str(refused.value) == (
         "Unknown source 'rtsp' in 'rtsp://camera.local/stream'; "
-        "sources are spout, cam, shm, file, pattern."
+        "sources are spout, cam, shm, file, pattern, ndi, syphon."
     )
     with pytest.raises(ValueError) as refused:
         open_sink("screen:1", width=8, height=8)
-    assert str(refused.value).endswith("sinks are spout, vcam, shm, file, null.")
+    assert str(refused.value).endswith("sinks are spout, vcam, shm, file, null, ndi, syphon.")
 
 
 def test_source_only_and_sink_only_schemes_say_which_ones_fit():

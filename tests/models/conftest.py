@@ -1,5 +1,5 @@
-"""Fixtures for model loading: the synthetic tiny model, a fake Hugging Face cache, an
-original-layout (LDM) checkpoint of the tiny model and a LoRA file for it."""
+"""Fixtures for model loading: the synthetic tiny and tiny-xl models, a fake Hugging Face cache,
+original-layout (LDM) checkpoints of both and a LoRA file for the tiny model."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def synthetic_cache(tmp_path_factory) -> Path:
 def tiny_folder(synthetic_cache) -> Path:
     """The diffusers folder of synthetic:tiny."""
     return ensure_synthetic("tiny", synthetic_cache / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_folder(synthetic_cache) -> Path:
+    """The diffusers folder of synthetic:tiny-xl."""
+    return ensure_synthetic("tiny-xl", synthetic_cache / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_checkpoint(tiny_xl_folder, tmp_path_factory) -> Path:
+    """synthetic:tiny-xl as a single original-layout (SDXL) .safetensors checkpoint."""
+    path = tmp_path_factory.mktemp("ldm-xl") / "tiny-xl.safetensors"
+    return write_ldm_checkpoint(tiny_xl_folder, path)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Test helpers for model loading: a fake Hugging Face cache entry and a converter that writes
-a diffusers model as one checkpoint in the original Stable Diffusion (LDM) key layout."""
+a diffusers model (SD or SDXL) as one checkpoint in the original (LDM) key layout."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
         ("mid_block.attentions.0.", "middle_block.1."),
+        # SDXL's added conditioning (pooled text and size ids).
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
     ]
     for block in range(len(config["block_out_channels"])):
         first_down = 1 + block * (per_block + 1)
@@ -155,6 +158,48 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     return ldm
 
 
+def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict in OpenCLIP's layout (SDXL's second encoder):
+    fused q/k/v projections, renamed layers and a transposed text projection."""
+    ldm = {}
+    renames = [
+        ("self_attn.out_proj.", "attn.out_proj."),
+        ("layer_norm1.", "ln_1."),
+        ("layer_norm2.", "ln_2."),
+        ("mlp.fc1.", "mlp.c_fc."),
+        ("mlp.fc2.", "mlp.c_proj."),
+    ]
+    layers = "text_model.encoder.layers."
+    for key, value in state.items():
+        if key == "text_model.embeddings.token_embedding.weight":
+            ldm["token_embedding.weight"] = value
+        elif key == "text_model.embeddings.position_embedding.weight":
+            ldm["positional_embedding"] = value
+        elif key.startswith("text_model.final_layer_norm."):
+            ldm["ln_final." + key.rsplit(".", 1)[1]] = value
+        elif key == "text_projection.weight":
+            ldm["text_projection"] = value.T
+        elif key.startswith(layers):
+            index, rest = key[len(layers) :].split(".", 1)
+            block = f"transformer.resblocks.{index}."
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                kind = rest.rsplit(".", 1)[1]
+                if rest.startswith("self_attn.q_proj."):
+                    fused = [
+                        state[f"{layers}{index}.self_attn.{part}_proj.{kind}"] for part in "qkv"
+                    ]
+                    ldm[f"{block}attn.in_proj_{kind}"] = torch.cat(fused)
+                continue
+            for old, new in renames:
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+                    break
+            ldm[block + rest] = value
+        elif "position_ids" not in key:
+            raise AssertionError(f"no OpenCLIP name for {key}")
+    return {"conditioner.embedders.1.model." + key: value for key, value in ldm.items()}
+
+
 def write_ldm_checkpoint(folder: Path, path: Path) -> Path:
     """Write the model in ``folder`` as one original-layout ``.safetensors`` or ``.ckpt`` file."""
     unet_config = UNet2DConditionModel.load_config(folder / "unet")
@@ -166,9 +211,12 @@ def write_ldm_checkpoint(folder: Path, path: Path) -> Path:
         load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"), vae_config
     )
     text = load_file(folder / "text_encoder" / "model.safetensors")
-    checkpoint |= {
-        "cond_stage_model.transformer.text_model." + key: value for key, value in text.items()
-    }
+    second = folder / "text_encoder_2" / "model.safetensors"
+    # SDXL checkpoints keep both text encoders under conditioner.embedders.
+    prefix = "conditioner.embedders.0." if second.is_file() else "cond_stage_model."
+    checkpoint |= {prefix + "transformer.text_model." + key: value for key, value in text.items()}
+    if second.is_file():
+        checkpoint |= open_clip_to_ldm(load_file(second))
     checkpoint = {key: value.contiguous() for key, value in checkpoint.items()}
     if path.suffix == ".ckpt":
         torch.save({"state_dict": checkpoint, "global_step": 0}, path)

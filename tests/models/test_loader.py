@@ -156,7 +156,9 @@ def test_a_vae_that_is_not_an_autoencoder_is_refused(tiny_folder):
         load_components("synthetic:tiny", vae=str(tiny_folder / "unet"))
 
 
-def test_an_sdxl_unet_is_refused_before_loading(tiny_folder, tmp_path):
+def test_an_sdxl_unet_without_its_second_text_encoder_is_refused_before_loading(
+    tiny_folder, tmp_path
+):
     copy = shutil.copytree(tiny_folder, tmp_path / "xl")
     config_file = copy / "unet" / "config.json"
     config_file.write_text(
@@ -164,7 +166,8 @@ def test_an_sdxl_unet_is_refused_before_loading(tiny_folder, tmp_path):
             '"addition_embed_type": null', '"addition_embed_type": "text_time"'
         )
     )
-    with pytest.raises(ValueError, match="sdxl"):
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="SDXL UNet but no text_encoder_2/, tokenizer_2/"):
         load_components(str(copy))
 
 

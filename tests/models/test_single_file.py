@@ -74,10 +74,3 @@ def test_a_checkpoint_without_a_known_text_encoder_asks_for_config(tmp_path):
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, path)
     with pytest.raises(ValueError, match="config="):
         load_components(str(path))
-
-
-def test_an_sdxl_checkpoint_is_refused(tmp_path):
-    path = tmp_path / "xl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="sdxl"):
-        load_components(str(path))

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bridge.models import ensure_synthetic
 from bridge.models.synthetic import SPECS
@@ -40,8 +40,10 @@ def test_tiny_is_built_once_and_reused(tiny_folder):
     before = weights.stat().st_mtime_ns
     assert ensure_synthetic("synthetic:tiny", tiny_folder.parent) == tiny_folder
     assert weights.stat().st_mtime_ns == before
-    # Only the finished folder is left: the build folder was renamed into place.
-    assert [path.name for path in tiny_folder.parent.iterdir()] == [tiny_folder.name]
+    # Only finished folders are left: the build folder was renamed into place.
+    names = [path.name for path in tiny_folder.parent.iterdir()]
+    assert tiny_folder.name in names
+    assert not [name for name in names if name.startswith(".")]
 
 
 def test_same_name_gives_same_weights_in_another_cache(tiny_folder, tmp_path):
@@ -118,3 +120,41 @@ def test_sd_turbo_folder_stores_half_precision_weights_and_loads(tmp_path):
     assert _parameters(unet) == 865_910_724
     # The folder takes gigabytes; do not leave it for pytest's kept temporary folders.
     shutil.rmtree(folder)
+
+
+# Parameter counts of the released SDXL-Turbo and SDXS-512 networks these architectures copy.
+def test_sdxl_turbo_architecture_matches_the_released_model():
+    spec = SPECS["sdxl-turbo"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
+    assert _parameters(unet) == 2_567_463_684
+    assert _parameters(text_encoder) == 123_060_480
+    assert _parameters(text_encoder_2) == 694_659_840
+    widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    assert unet.config.cross_attention_dim == widths == 2048
+    assert spec.vae["scaling_factor"] == 0.13025 and spec.half_precision
+
+
+def test_sdxs_architecture_is_the_pruned_sd21_unet():
+    spec = SPECS["sdxs"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+    assert _parameters(unet) == 318_695_364
+    assert unet.mid_block is None
+    assert unet.config.cross_attention_dim == spec.text_encoder["hidden_size"] == 1024
+
+
+def test_tiny_xl_unet_takes_both_text_encoders_and_sdxls_six_size_ids():
+    spec = SPECS["tiny-xl"]
+    unet, first, second = spec.unet, spec.text_encoder, spec.text_encoder_2
+    assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
+    pooled = second["projection_dim"]
+    assert (
+        unet["projection_class_embeddings_input_dim"]
+        == pooled + 6 * unet["addition_time_embed_dim"]
+    )
+    # diffusers tells SDXL's encoders apart by width when it converts a single file.
+    assert first["hidden_size"] != second["hidden_size"]
+    assert not spec.half_precision

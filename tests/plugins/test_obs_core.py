@@ -253,6 +253,8 @@ def test_the_command_line_is_read_by_the_bridge_as_chosen() -> None:
          "linux", ("cam:/dev/video10", ["vcam:/dev/video11"])),
         ({"input_kind": "spout", "input_sender": "Resolume"}, "win32",
          ("spout:Resolume", ["spout:sd-bridge"])),
+        ({"input_kind": "ndi", "input_sender": "OBS", "output_kind": "ndi"}, "linux",
+         ("ndi:OBS", ["ndi:sd-bridge"])),
     ],
 )  # fmt: skip
 def test_inputs_and_outputs_become_uris(changes: dict, platform: str, uris: tuple) -> None:
@@ -271,7 +273,8 @@ def test_inputs_and_outputs_become_uris(changes: dict, platform: str, uris: tupl
         ({"output_kind": "vcam", "input_kind": "pattern"}, "win32", None),
         ({"input_kind": "spout"}, "linux", "Spout exists on Windows only"),
         ({"input_kind": "camera", "camera": " "}, "win32", "Camera is empty"),
-        ({"input_kind": "ndi"}, "win32", "pick one of obs_vcam, camera, spout, pattern"),
+        ({"input_kind": "rtsp"}, "win32", "pick one of obs_vcam, camera, spout, pattern, ndi"),
+        ({"input_kind": "ndi", "input_sender": " "}, "linux", "type the NDI name, e.g. OBS"),
     ],
 )  # fmt: skip
 def test_choices_that_cannot_work_are_refused_with_the_fix(

@@ -69,9 +69,13 @@ EXPECTED_PROPERTIES = {
     "guidance": "float",
     "seed": "int",
     "seed_fade": "float",
+    "lora_0_scale": "float",
+    "lora_1_scale": "float",
     "bridge": "group",
     "python": "path",
     "model": "text",
+    "lora_0_file": "path",
+    "lora_1_file": "path",
     "input_kind": "list",
     "camera": "text",
     "input_sender": "text",
@@ -264,8 +268,8 @@ def test_obs_builds_every_property_of_the_script(running_obs: RunningObs) -> Non
     properties = json.loads(line.split("PROPERTIES ", 1)[1])
     kinds = {name: entry["kind"] for name, entry in properties.items()}
     assert kinds == EXPECTED_PROPERTIES
-    assert properties["input_kind"]["items"] == ["obs_vcam", "camera", "spout", "pattern"]
-    assert properties["output_kind"]["items"] == ["vcam", "spout"]
+    assert properties["input_kind"]["items"] == ["obs_vcam", "camera", "spout", "pattern", "ndi"]
+    assert properties["output_kind"]["items"] == ["vcam", "spout", "ndi"]
     assert properties["start"]["label"] == "Start bridge"
 
 

@@ -102,8 +102,9 @@ def test_every_live_parameter_is_on_the_bridge_page_with_its_default(
     pages = {page.name: page for page in comp.customPages}
     assert list(pages) == ["Bridge", "Launch", "Status"]
     bridge_pars = [par.name for par in pages["Bridge"].pars]
-    assert bridge_pars == [live.par for live in sdb_osc.LIVE_PARAMS] + ["Sendall"]
-    for live in sdb_osc.LIVE_PARAMS:
+    live_params = (*sdb_osc.LIVE_PARAMS, *sdb_osc.LORA_PARAMS)
+    assert bridge_pars == [live.par for live in live_params] + ["Sendall"]
+    for live in live_params:
         par = comp.par[live.par]
         assert par.eval() == live.default
         if live.kind == "float":
@@ -118,6 +119,8 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
     assert launch == [
         "Python",
         "Model",
+        "Lora0file",
+        "Lora1file",
         "Tinyvae",
         "Resolutionw",
         "Resolutionh",

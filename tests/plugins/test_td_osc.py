@@ -6,7 +6,7 @@ import pytest
 import sdb_osc
 
 from bridge.control import OscClient, OscServer, ParamStore
-from bridge.control.params import PARAMS_BY_ADDRESS, Kind
+from bridge.control.params import LORA_SCALES, PARAMS_BY_ADDRESS, Kind
 from tests.control.helpers import wait_until
 
 
@@ -111,3 +111,29 @@ def test_error_replies_give_their_sentence() -> None:
     sentence = "/sd/delta got 9.0; send a float from 0.0 to 5.0."
     assert sdb_osc.error_sentence("/sd/error", ["/sd/delta", sentence]) == sentence
     assert sdb_osc.error_sentence("/sd/status/fps", [1.0]) is None
+
+
+def test_each_lora_slot_scale_matches_the_bridge_lora_family() -> None:
+    for slot, lora in enumerate(sdb_osc.LORA_PARAMS):
+        assert lora.address == LORA_SCALES.address.format(index=slot)
+        assert (lora.minimum, lora.maximum) == (LORA_SCALES.minimum, LORA_SCALES.maximum)
+
+
+def test_lora_scales_go_only_to_slots_with_a_file_and_the_bridge_takes_them() -> None:
+    store = ParamStore(families={LORA_SCALES: [1.0]})
+    messages = sdb_osc.lora_messages(["style.safetensors", ""], [0.5, 1.5])
+    assert messages == [("/sd/lora/0/scale", [0.5])]
+    for address, args in messages:
+        assert store.param_at(address).from_osc(args) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("files", "scales", "named"),
+    [
+        (["", "style.safetensors"], [1.0, 1.0], "in order"),
+        (["a.safetensors", ""], [2.5, 1.0], "-2"),
+    ],
+)
+def test_bad_lora_slots_are_refused_with_a_sentence(files, scales, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        sdb_osc.lora_messages(files, scales)

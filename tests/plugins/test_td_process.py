@@ -16,6 +16,7 @@ import sdb_supervisor
 
 from bridge.control import OscClient, ParamStore
 from bridge.io.shm_protocol import validate_name
+from bridge.runtime.settings import parse_lora
 from tests.plugins.helpers import free_udp_port, parsed_run_settings
 
 SETTINGS = sdb_process.BridgeSettings(
@@ -71,8 +72,10 @@ def test_auto_transport_is_spout_on_windows_and_shared_memory_elsewhere() -> Non
     assert sdb_process.resolve_transport("auto", "darwin") == "shm"
     assert sdb_process.resolve_transport("auto", "linux") == "shm"
     assert sdb_process.resolve_transport("shm", "win32") == "shm"
+    assert sdb_process.resolve_transport("ndi", "linux") == "ndi"
+    assert sdb_process.stream_uris("ndi", "td") == ("ndi:td-in", "ndi:td-out")
     with pytest.raises(ValueError, match="pick one of auto, spout, shm"):
-        sdb_process.resolve_transport("ndi")
+        sdb_process.resolve_transport("rtsp")
 
 
 def test_stream_names_give_uris_whose_shared_memory_names_are_valid() -> None:
@@ -121,3 +124,10 @@ def test_the_real_bridge_starts_with_the_command_line_and_stops_on_request(
         assert time.monotonic() < deadline, "the bridge did not stop"
         time.sleep(0.05)
     assert process.poll().text == "stopped"
+
+
+def test_each_lora_slot_with_a_file_starts_the_bridge_with_it_at_its_scale() -> None:
+    settings = replace(SETTINGS, loras=[("C:/loras/style.safetensors", 0.8)])
+    run = parsed_run_settings(sdb_process.bridge_command(settings))
+    assert list(run.lora) == ["C:/loras/style.safetensors:0.8"]
+    assert parse_lora(run.lora[0]) == ("C:/loras/style.safetensors", 0.8)

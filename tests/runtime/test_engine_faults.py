@@ -239,7 +239,12 @@ def test_an_input_flapping_a_hundred_times_never_stops_the_engine(tiny):
     assert hooks.states.count("ok") >= 99
 
 
-def test_a_change_that_breaks_the_step_falls_back_to_the_last_working_settings(tiny):
+@pytest.mark.parametrize(
+    "failure",
+    [RuntimeError("CUDA out of memory (simulated)"), IndexError("index 10 is out of bounds")],
+    ids=["out-of-memory", "a-bug"],
+)
+def test_a_change_that_breaks_the_step_falls_back_to_the_last_working_settings(tiny, failure):
     source, sink, hooks = SwitchableSource(), RecordingSink(), Hooks()
     store = ParamStore()
     engine = engine_with(tiny, source, [sink], store=store, hooks=hooks.engine_hooks())
@@ -247,7 +252,7 @@ def test_a_change_that_breaks_the_step_falls_back_to_the_last_working_settings(t
 
     def frame_step(pixels, pixel_format):
         if engine.stream.config.cfg_type == "full":
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise failure
         return working_step(pixels, pixel_format)
 
     engine.stream.frame_step = frame_step

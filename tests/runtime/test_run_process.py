@@ -261,7 +261,7 @@ def test_a_second_bridge_on_the_same_shm_output_is_refused_with_exit_code_two(
 
 def test_bad_uris_are_one_sentence_and_exit_code_two(bridge_process, tmp_path):
     cases = [
-        (("--input", "ndi:stage"), "ndi"),
+        (("--input", "rtsp:stage"), "ndi"),
         (("--input", f"file:{tmp_path / 'missing.mp4'}"), "missing.mp4"),
         (("--input", "cam:7"), "7"),
         (("--output", "pattern:bars"), "pattern"),

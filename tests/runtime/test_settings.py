@@ -186,7 +186,7 @@ def test_a_bad_uri_fails_before_torch_or_the_model_load() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "sd-bridge: Unknown source 'rtsp' in 'rtsp:cam'; sources are spout, cam, shm, file, "
-        "pattern."
+        "pattern, ndi, syphon."
     )
     assert result.stdout.strip() == "torch not loaded"
 
@@ -267,6 +267,10 @@ LIVE_FLAGS = {
     "similarity_filter": (["--filter"], [1]),
     "similarity_threshold": (["--similarity-threshold", "0.9"], [0.9]),
     "max_skip_frames": (["--filter-max-skip", "3"], [3]),
+    "feature_bank_size": (["--feature-bank-size", "2"], [2]),
+    "feature_bank_strength": (["--feature-bank-strength", "0.5"], [0.5]),
+    "feature_bank_threshold": (["--feature-bank-threshold", "0.9"], [0.9]),
+    "latent_feedback": (["--latent-feedback", "0.25"], [0.25]),
     "pause": (["--pause"], [1]),
     "prompt_fade": (["--prompt-fade", "2"], [2.0]),
     "seed_fade": (["--seed-fade", "1.5"], [1.5]),
