@@ -41,14 +41,13 @@ def peer() -> ModuleType:
     return module
 
 
-@pytest.fixture
-def start_peer() -> Iterator:
-    """Start shm_peer.py in a fresh Python process; every process started is ended after."""
+def peer_processes(script: Path) -> Iterator:
+    """Start `script` in fresh Python processes; every process started is ended after."""
     started: list[subprocess.Popen] = []
 
     def start(*arguments: object) -> subprocess.Popen:
         process = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), *map(str, arguments)],
+            [sys.executable, str(script), *map(str, arguments)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -60,7 +59,19 @@ def start_peer() -> Iterator:
     for process in started:
         if process.poll() is None:
             process.kill()
-        process.communicate()
+        process.communicate(timeout=10)
+
+
+@pytest.fixture
+def start_peer() -> Iterator:
+    """Start shm_peer.py in a fresh Python process; every process started is ended after."""
+    yield from peer_processes(PEER_SCRIPT)
+
+
+@pytest.fixture
+def start_ndi_peer() -> Iterator:
+    """Start ndi_peer.py in a fresh Python process; every process started is ended after."""
+    yield from peer_processes(PEER_SCRIPT.with_name("ndi_peer.py"))
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +42,6 @@ peer = load_peer()
 def ndi_name() -> str:
     """An NDI name no other test uses."""
     return f"sdb-test-{os.getpid()}-{next(_names)}"
-
-
-@pytest.fixture
-def start_ndi_peer() -> Iterator:
-    """Start ndi_peer.py in a fresh Python process; every process started is ended after."""
-    started: list[subprocess.Popen] = []
-
-    def start(*arguments: object) -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), *map(str, arguments)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
 
 
 def start_sender(start_ndi_peer, name, four_cc="BGRA", *, size=(64, 48), seconds=20.0, base=0):
