@@ -4,20 +4,21 @@ peft's LoRA layers multiply by their scale as a Python float, so a CUDA graph ca
 keeps the value it saw at capture. Here every layer that LoRA files touch becomes a
 `LiveLoraLayer`, which computes
 
-    out = base(x) + B (s * (A x))
+    out = base(x) + (B diag(s)) (A x)
 
 where A stacks the down projections of every adapter on that layer (ranks r_1 + r_2 + ...), B
 stacks their up projections with each adapter's alpha / r folded in, and s repeats each
 adapter's scale over its ranks. With one adapter at scale s_1 this adds s_1 (alpha / r) B_1 A_1 x,
-exactly what fusing at s_1 adds to the weight; with several, the sum over them. Scaling the
-rank-sized intermediate costs the fewest multiplications, and stacking keeps two small matrix
-products per layer however many adapters share it.
+exactly what fusing at s_1 adds to the weight; with several, the sum over them. The layer keeps
+B diag(s) as a tensor of its own, rewritten when a scale changes, so a frame runs two small
+matrix products per layer and nothing else, however many adapters share it.
 
 All scales sit in one vector on the model's device. An adapter's scale is a view of one entry,
 shared by all its layers in the UNet and the text encoder. The per-rank vector s is shared too, by
 every layer with the same adapters and ranks (typically all of them), so a frame spends no kernel
 gathering it. `LiveLoras.set_scale` overwrites the adapter's scale and the vectors that repeat it
-in place, between frames, so a captured graph reads the new values on its next replay.
+in place, then each layer's scaled up projection, between frames, so a captured graph reads the
+new values on its next replay.
 """
 
 from __future__ import annotations
@@ -67,21 +68,28 @@ class LiveLoraLayer(nn.Module):
         self.base_layer = base_layer
         self.down_weight = nn.Parameter(down, requires_grad=False)
         self.up_weight = nn.Parameter(up, requires_grad=False)
-        # A buffer, not a plain attribute, so torch.compile reads it as an input rather than a
-        # constant; non-persistent, so state dicts stay those of the base model.
+        # Buffers, not plain attributes, so torch.compile reads them as inputs rather than
+        # constants; non-persistent, so state dicts stay those of the base model.
         self.register_buffer("rank_scale", rank_scale, persistent=False)
+        self.register_buffer("scaled_up", torch.empty_like(up), persistent=False)
         self.adapters = tuple(sorted(set(owners)))
         self._conv = conv
+        self.rescale()
+
+    def rescale(self) -> None:
+        """Rewrite the scaled up projection, B diag(s), in place from the current scales."""
+        shape = (1, -1, 1, 1) if self._conv is not None else (1, -1)
+        torch.mul(self.up_weight, self.rank_scale.view(shape), out=self.scaled_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self._conv is not None:
-            hidden = F.conv2d(x, self.down_weight, **self._conv) * self.rank_scale.view(-1, 1, 1)
-            return out.add_(F.conv2d(hidden, self.up_weight))
-        hidden = F.linear(x, self.down_weight) * self.rank_scale
+            hidden = F.conv2d(x, self.down_weight, **self._conv)
+            return out.add_(F.conv2d(hidden, self.scaled_up))
+        hidden = F.linear(x, self.down_weight)
         # Adding in place into the base output lets the second product accumulate into it.
         flat = out.view(-1, out.shape[-1])
-        flat.addmm_(hidden.view(-1, hidden.shape[-1]), self.up_weight.t())
+        flat.addmm_(hidden.view(-1, hidden.shape[-1]), self.scaled_up.t())
         return out
 
 
@@ -93,8 +101,10 @@ class LiveLoras:
         adapters: Sequence[LiveAdapter],
         scales: torch.Tensor,
         rank_scales: dict[tuple[int, ...], torch.Tensor],
+        layers: Sequence[LiveLoraLayer] = (),
     ) -> None:
         self.adapters = tuple(adapters)
+        self.layers = tuple(layers)
         self.scales = scales
         # The per-rank vectors layers read, by the adapter index of each rank.
         self.rank_scales = rank_scales
@@ -126,6 +136,9 @@ class LiveLoras:
         for owners, rank_scale in self.rank_scales.items():
             if index in owners:
                 rank_scale.copy_(self.scales.index_select(0, self._gathers[owners]))
+        for layer in self.layers:
+            if index in layer.adapters:
+                layer.rescale()
         self._values[index] = float(scale)
         if self.scales.device.type == "cuda":
             # The prompt encoder runs on its own CUDA stream; it waits for this write.
@@ -162,11 +175,13 @@ def load_live_loras(
             rank_scales[owners] = scales.index_select(0, gather)
         return rank_scales[owners]
 
+    layers: list[LiveLoraLayer] = []
     for network_name, network in networks.items():
         for name, layer in list(network.named_modules()):
             if not isinstance(layer, LoraLayer):
                 continue
             live = _live_layer(layer, name, owner, rank_scale, loras)
+            layers.append(live)
             parent_name, _, child = name.rpartition(".")
             setattr(network.get_submodule(parent_name), child, live)
             for index in live.adapters:
@@ -181,7 +196,7 @@ def load_live_loras(
         )
         for index, (path, _) in enumerate(loras)
     ]
-    live = LiveLoras(adapters, scales, rank_scales)
+    live = LiveLoras(adapters, scales, rank_scales, layers)
     for network_name, network in networks.items():
         if network_name.startswith("text_encoder") and any(a.changes_text for a in adapters):
             network.register_forward_pre_hook(live.wait_for_scales)
