@@ -10,21 +10,20 @@ bridge/models/passthrough.py), so pixels vary with the input too.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bridge.accel import accelerate
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.accel.helpers import LatentTap, load_tiny
-
-SIZE = 64
-# Graph and eager run the same kernels: latents agree to float error, pixels to one level.
-LATENT_TOLERANCE = 1e-2
-PIXEL_TOLERANCE = 1
-# What the next frame or another prompt must change at least, on average (measured on the CPU
-# at t_index_list (32, 45): 0.15-0.6 and 8-34 levels between frames, 0.17 and 9.6 between
-# "a forest" and "a desert at noon").
-LATENT_GAP = 0.05
-PIXEL_GAP = 2.0
+from tests.accel.helpers import (
+    LATENT_GAP,
+    LATENT_TOLERANCE,
+    SIZE,
+    Tapped,
+    apart,
+    build,
+    frames,
+    load_tiny,
+    same,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,60 +36,9 @@ def tiny_cpu(tmp_path_factory):
     return load_tiny("cpu", tmp_path_factory.mktemp("synthetic"))
 
 
-class Tapped:
-    """A pipeline whose every frame step also copies its final latents into `latents`.
-
-    The copy is part of the step, so a captured graph repeats it on every replay.
-    """
-
-    def __init__(self, stream: StreamDiffusion) -> None:
-        self.stream = stream
-        self.tap = LatentTap(stream)
-
-    def __call__(self, pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, pixels) of the next frame: img2img when given pixels, else txt2img."""
-        out = self.stream(pixels) if pixels is not None else self.stream.txt2img()[0]
-        return self.tap.latest.clone(), out.clone()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def build(components, accel: str = "none", **settings) -> Tapped:
-    config = StreamConfig(width=SIZE, height=SIZE, **settings)
-    stream = StreamDiffusion(components, config, prompt="a forest", negative_prompt="fog")
-    return Tapped(accelerate(stream, accel))
-
-
 def pair(components, **settings) -> tuple[Tapped, Tapped]:
     """An eager pipeline and a graphed one with the same settings."""
     return build(components, **settings), build(components, "cudagraph", **settings)
-
-
-def frames(count: int = 6, device: str = "cuda") -> list[torch.Tensor]:
-    """Pictures that differ at the scale of the latent grid: a coloured band moving across a
-    background of another colour (uniform noise would average to grey in every 8x8 block)."""
-    generator = torch.Generator().manual_seed(3)
-    pictures = []
-    for index in range(count):
-        colours = torch.randint(0, 256, (2, 3), generator=generator, dtype=torch.uint8)
-        picture = colours[0].expand(SIZE, SIZE, 3).clone()
-        start = (index * SIZE // 4) % SIZE
-        picture[:, start : start + SIZE // 2] = colours[1]
-        pictures.append(picture.to(device))
-    return pictures
-
-
-def same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    latent_error = (a[0] - b[0]).abs().max().item()
-    pixel_error = (a[1].int() - b[1].int()).abs().max().item()
-    return latent_error <= LATENT_TOLERANCE and pixel_error <= PIXEL_TOLERANCE
-
-
-def apart(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    latent_gap = (a[0] - b[0]).abs().mean().item()
-    pixel_gap = (a[1].float() - b[1].float()).abs().mean().item()
-    return latent_gap > LATENT_GAP and pixel_gap > PIXEL_GAP
 
 
 @pytest.mark.gpu

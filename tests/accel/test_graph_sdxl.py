@@ -10,86 +10,34 @@ test_cudagraph.py.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bridge.accel import accelerate
-from bridge.models import load_components
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.accel.helpers import LatentTap
+from tests.accel.helpers import (
+    LATENT_TOLERANCE,
+    SIZE,
+    Tapped,
+    apart,
+    build,
+    frames,
+    load_tiny,
+    same,
+)
 
-SIZE = 64
-LATENT_TOLERANCE = 1e-2
-PIXEL_TOLERANCE = 1
-# What the next frame or another prompt must change at least, on average (measured on the CPU
-# at t_index_list (32, 45): 0.14-0.65 and 10-38 levels between frames; 0.049 and 2.8 levels
-# between "a forest" and "a desert at noon", tiny-xl's prompt tint being fainter than tiny's).
-LATENT_GAP = 0.05
-PIXEL_GAP = 2.0
+# tiny-xl's prompt tint is fainter than tiny's: 0.049 and 2.8 levels between "a forest" and
+# "a desert at noon" (CPU, t_index_list (32, 45)), so a prompt change is held to smaller gaps.
 PROMPT_LATENT_GAP = 0.025
 PROMPT_PIXEL_GAP = 1.5
 
 
-def load_tiny_xl(device: str, cache) -> object:
-    """synthetic:tiny-xl with its tiny VAE, in fp32 on `device`."""
-    return load_components(
-        "synthetic:tiny-xl", vae="tiny", device=device, dtype=torch.float32, cache_dir=cache
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_xl_cuda(tmp_path_factory):
-    return load_tiny_xl("cuda", tmp_path_factory.mktemp("synthetic"))
+    return load_tiny("cuda", tmp_path_factory.mktemp("synthetic"), "tiny-xl")
 
 
 @pytest.fixture(scope="module")
 def tiny_xl_cpu(tmp_path_factory):
-    return load_tiny_xl("cpu", tmp_path_factory.mktemp("synthetic"))
-
-
-class Tapped:
-    """A pipeline whose frame steps also copy their final latents into a fixed tensor."""
-
-    def __init__(self, stream: StreamDiffusion) -> None:
-        self.stream = stream
-        self.tap = LatentTap(stream)
-
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stream(pixels)
-        return self.tap.latest.clone(), out.clone()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def build(components, accel: str = "none", width: int = SIZE, **settings) -> Tapped:
-    config = StreamConfig(width=width, height=SIZE, **settings)
-    stream = StreamDiffusion(components, config, prompt="a forest", negative_prompt="fog")
-    return Tapped(accelerate(stream, accel))
-
-
-def frames(count: int, device: str = "cuda", width: int = SIZE) -> list[torch.Tensor]:
-    """A coloured band moving across a background of another colour."""
-    generator = torch.Generator().manual_seed(3)
-    pictures = []
-    for index in range(count):
-        colours = torch.randint(0, 256, (2, 3), generator=generator, dtype=torch.uint8)
-        picture = colours[0].expand(SIZE, width, 3).clone()
-        start = (index * width // 4) % width
-        picture[:, start : start + width // 2] = colours[1]
-        pictures.append(picture.to(device))
-    return pictures
-
-
-def same(a, b) -> bool:
-    latent_error = (a[0] - b[0]).abs().max().item()
-    pixel_error = (a[1].int() - b[1].int()).abs().max().item()
-    return latent_error <= LATENT_TOLERANCE and pixel_error <= PIXEL_TOLERANCE
-
-
-def apart(a, b, latent_gap: float = LATENT_GAP, pixel_gap: float = PIXEL_GAP) -> bool:
-    latent = (a[0] - b[0]).abs().mean().item()
-    pixel = (a[1].float() - b[1].float()).abs().mean().item()
-    return latent > latent_gap and pixel > pixel_gap
+    return load_tiny("cpu", tmp_path_factory.mktemp("synthetic"), "tiny-xl")
 
 
 @pytest.mark.gpu
