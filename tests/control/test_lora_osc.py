@@ -129,3 +129,36 @@ def test_a_running_bridge_moves_the_scale_of_its_lora_and_refuses_index_5(tmp_pa
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_bridge_started_with_fuse_loras_has_no_live_scale_to_move(tmp_path) -> None:
+    cache = tmp_path / "cache"
+    tiny = ensure_synthetic("tiny", cache / "synthetic")
+    lora = write_lora(tiny, tmp_path / "style.safetensors", seed=0, text_modules=("q_proj",))
+    port = free_port()
+    env = {**os.environ, "SD_BRIDGE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bridge.cli", "run", "--model", "synthetic:tiny"]
+    command += ["--width", "64", "--height", "64", "--output", "null", "--quiet"]
+    command += ["--lora", f"{lora}:0.5", "--fuse-loras", "--osc-port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with OscClient("127.0.0.1", port, timeout=1.0) as client:
+            deadline = time.monotonic() + 60
+            reply = None
+            while reply is None and time.monotonic() < deadline:
+                assert process.poll() is None, process.communicate()[1]
+                client.send("/sd/get", "seed")
+                reply = client.receive(0.2)
+            assert reply is not None
+            while client.receive(0.5) is not None:  # answers to the gets sent while starting
+                pass
+            client.send("/sd/lora/0/scale", 1.0)
+            error = client.receive(2.0)
+            assert error is not None and error[0] == "/sd/error"
+            assert error[1][0] == "/sd/lora/0/scale"
+            assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr
