@@ -1,0 +1,76 @@
+"""A side input hands over its newest frame without waiting and says once when it goes and comes."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from bridge.io import Frame, Source, now
+from bridge.runtime.side_input import SideInput
+
+
+class Fed(Source):
+    """Hands out exactly the frames a test puts in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: queue.Queue[Frame] = queue.Queue()
+        self.fed = 0
+
+    def feed(self) -> None:
+        self.frames.put(Frame(np.full((8, 8, 3), self.fed, np.uint8), "rgb", now(), self.fed))
+        self.fed += 1
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "fed:depth"
+
+    def _open(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _read(self, timeout: float) -> Frame | None:
+        try:
+            return self.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def poll_until_frame(side: SideInput) -> Frame:
+    for _ in range(500):
+        frame = side.poll()
+        if frame is not None:
+            return frame
+        time.sleep(0.01)
+    raise AssertionError("the side input never delivered the frame fed to it")
+
+
+def test_side_input_keeps_the_newest_frame_and_reports_loss_and_return_once() -> None:
+    said: list[str] = []
+    source = Fed()
+    side = SideInput("control input 0", source, say=said.append, loss_after=0.0)
+    stop = threading.Event()
+    side.start(stop)
+    try:
+        assert side.poll() is None and said == []  # nothing came yet: not "gone"
+        source.feed()
+        first = poll_until_frame(side)
+        assert first.index == 0 and side.latest is first
+        assert side.poll() is None and side.poll() is None
+        assert said == ["control input 0 fed:depth is gone; keeping its last frame."]
+        assert side.gone and side.latest is first
+        source.feed()
+        assert poll_until_frame(side).index == 1
+        assert said[1:] == ["control input 0 fed:depth is back."] and not side.gone
+        assert side.frames == 2
+    finally:
+        stop.set()
+        side.join()
