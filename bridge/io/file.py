@@ -74,6 +74,7 @@ class VideoFileSource(Source):
         self._frames: Iterator[Any] | None = None
         self._pacer: Pacer | None = None
         self._index = 0
+        self._next: Frame | None = None
 
     @property
     def connected(self) -> bool:
@@ -114,10 +115,21 @@ class VideoFileSource(Source):
 
     def _close(self) -> None:
         self._stop()
+        self._next = None
 
     def _read(self, timeout: float) -> Frame | None:
+        # Decoded and fitted before the tick, so the frame leaves at its scheduled time; its
+        # capture time is that moment, when it enters the stream.
+        if self._next is None:
+            self._next = self._decode_next()
         if not self._pacer.wait(timeout):
             return None
+        frame = self._next
+        self._next = None
+        self._index += 1
+        return Frame(frame.pixels, frame.pixel_format, now(), frame.index)
+
+    def _decode_next(self) -> Frame:
         decoded = next(self._frames, None)
         if decoded is None:
             # End of file: reopening is the one way to restart that works for every container.
@@ -128,10 +140,8 @@ class VideoFileSource(Source):
                 raise TransportError(
                     f"Video file {str(self.path)!r} holds no frames; pick another file."
                 )
-        pixels = decoded.to_ndarray(format="rgb24")
-        frame = Frame(np.ascontiguousarray(pixels), "rgb", now(), self._index)
-        self._index += 1
-        return frame.fitted(self.width, self.height)
+        pixels = np.ascontiguousarray(decoded.to_ndarray(format="rgb24"))
+        return Frame(pixels, "rgb", now(), self._index).fitted(self.width, self.height)
 
 
 class StillImageSource(Source):
@@ -184,6 +194,7 @@ class ImageSequenceSource(Source):
         self._pacer = Pacer(fps)
         self._paths: list[Path] = []
         self._index = 0
+        self._next: Frame | None = None
 
     @property
     def connected(self) -> bool:
@@ -203,14 +214,20 @@ class ImageSequenceSource(Source):
 
     def _close(self) -> None:
         self._paths = []
+        self._next = None
 
     def _read(self, timeout: float) -> Frame | None:
+        # Loaded and fitted before the tick, so the frame leaves at its scheduled time.
+        if self._next is None:
+            pixels, pixel_format = _load_image(self._paths[self._index % len(self._paths)])
+            frame = Frame(pixels, pixel_format, now(), self._index)
+            self._next = frame.fitted(self.width, self.height)
         if not self._pacer.wait(timeout):
             return None
-        pixels, pixel_format = _load_image(self._paths[self._index % len(self._paths)])
-        frame = Frame(pixels, pixel_format, now(), self._index)
+        frame = self._next
+        self._next = None
         self._index += 1
-        return frame.fitted(self.width, self.height)
+        return Frame(frame.pixels, frame.pixel_format, now(), frame.index)
 
 
 class VideoFileSink(Sink):

@@ -52,6 +52,7 @@ class PatternSource(Source):
         self._draw = PATTERNS[kind](width, height, fps, np.random.default_rng(seed))
         self._pacer = Pacer(fps)
         self._index = 0
+        self._next: np.ndarray | None = None
 
     @property
     def connected(self) -> bool:
@@ -67,10 +68,13 @@ class PatternSource(Source):
         pass
 
     def _read(self, timeout: float) -> Frame | None:
+        # Drawn before the tick, so the frame leaves at its scheduled time, not a drawing later.
+        if self._next is None:
+            self._next = self._draw(self._index)
         if not self._pacer.wait(timeout):
             return None
-        pixels = self._draw(self._index)
-        frame = Frame(pixels, "rgb", now(), self._index)
+        frame = Frame(self._next, "rgb", now(), self._index)
+        self._next = None
         self._index += 1
         return frame
 

@@ -21,7 +21,11 @@ class FrameSlot:
             self._condition.notify_all()
 
     def take(self, timeout: float) -> Frame | None:
-        """Remove and return the stored frame, waiting up to `timeout` seconds for one."""
+        """Remove and return the stored frame, waiting up to `timeout` seconds for one.
+
+        A waiting `take` returns the moment a frame is put: the timeout only bounds how long it
+        waits when none comes.
+        """
         with self._condition:
             if self._frame is None:
                 self._condition.wait(max(timeout, 0.0))

@@ -8,6 +8,11 @@ With `frame_buffer_size` f > 1 a step takes f input frames. The batch fills acro
 iterations, one frame per look at the input slot, so a live source at any rate fills it; a
 partial batch is thrown away (and counted as drops) only when the input goes away or the frame
 size changes. Whether the input is gone is judged on frames arriving, not on batches launched.
+
+Frames leave as soon as the GPU is done with them: a delivery thread (delivery.py) waits on each
+launched step and hands its frames to the sinks, in launch order, while this loop goes back to
+the input. The loop launches the next step at once when the GPU is free, and otherwise when the
+running step is about to end, so that the GPU stays busy without frames queueing behind it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from bridge.control.params import LORA_SCALES, STREAM_PARAMS
 from bridge.io import Frame, Sink, Source, now
 from bridge.stream import StreamDiffusion
 
+from .delivery import Delivery
 from .metrics import Metrics, Status
 from .prompts import Fade, PromptWorker
 from .transfer import HostTransfer, PendingFrames
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sd_bridge")
 
 JOIN_SECONDS = 1.0
+# How long one look for the moment to launch may keep the loop from changes and the stop event.
+LAUNCH_WAIT = 0.05
 # A sink that writes nothing for this long while finishing is left behind (a recording is
 # given as long as it needs, provided it makes progress).
 SINK_STALL_SECONDS = 2.0
@@ -114,7 +122,7 @@ class Engine:
         self._prompts = PromptWorker(stream.encode_prompt, stream.device)
         self._reported_skips = 0
         self._sink_workers: list[SinkWorker] = []
-        self._pending: PendingFrames | None = None
+        self._delivery = Delivery(self._deliver)
         self._finish = threading.Event()
         self._batch: list[Frame] = []
         self._delivered = 0
@@ -139,6 +147,7 @@ class Engine:
         self._prompts.start()
         for worker in [*self._sink_workers, *workers]:
             worker.start()
+        self._delivery.start()
         self._last_input_at = now()
         self.apply(self.store.snapshot())
         produced = 0
@@ -159,9 +168,7 @@ class Engine:
                     self._report_status()
                     next_status = now() + self.status_interval
         finally:
-            if self._pending is not None:
-                self._deliver(self._pending)
-                self._pending = None
+            self._delivery.finish(SINK_STALL_SECONDS)
             stop.set()
             self._prompts.stop()
             self._finish_sinks()
@@ -237,22 +244,37 @@ class Engine:
                 self.stream.update(seed=self._pending_seed)
 
     def _step(self, room: int | None = None) -> int:
-        """Launch the next frames, then deliver the previous ones while the GPU works.
+        """Launch the next frames once the GPU is free or about to be; return how many.
 
-        Returns how many frames were launched, at most `room` (the rest are dropped).
+        The delivery thread hands them to the sinks when the GPU is done with them. At most
+        `room` frames are launched (the rest are dropped).
         """
-        launched = None if self.paused else self._launch_guarded()
-        if launched is not None and room is not None and len(launched.capture_times) > room:
-            self.metrics.count(drops=len(launched.capture_times) - room)
-            launched.capture_times = launched.capture_times[:room]
-        if self._pending is not None:
-            self._deliver(self._pending)
-        self._pending = launched
+        if self._delivery.error is not None:
+            raise self._delivery.error
         if self.paused:
             time.sleep(0.01)
-        elif launched is None and self.source is not None:
-            self._watch_input()
-        return 0 if launched is None else len(launched.capture_times)
+            return 0
+        if self._may_launch() and not self._delivery.wait_for_launch(LAUNCH_WAIT):
+            return 0
+        launched = self._launch_guarded()
+        if launched is None:
+            if self.source is not None:
+                self._watch_input()
+            return 0
+        if room is not None and len(launched.capture_times) > room:
+            self.metrics.count(drops=len(launched.capture_times) - room)
+            launched.capture_times = launched.capture_times[:room]
+        self._delivery.put(launched, now() - launched.started)
+        return len(launched.capture_times)
+
+    def _may_launch(self) -> bool:
+        """Whether the next look at the input may launch a step, not just add to a batch.
+
+        A frame that only joins a filling batch is taken at once, so no input frame is lost
+        while a step runs; the frame that completes a batch waits for the moment to launch.
+        """
+        config = self.stream.config
+        return config.mode == "txt2img" or len(self._batch) + 1 >= config.frame_buffer_size
 
     def _launch_guarded(self) -> PendingFrames | None:
         """A frame step that fails (out of GPU memory after a change, say) is not the end.
@@ -346,9 +368,10 @@ class Engine:
         times = [f.capture_time for f in batch]
         return self.transfer.download(output, times, pixel_format, started)
 
-    def _deliver(self, pending: PendingFrames) -> None:
+    def _deliver(self, pending: PendingFrames, step_seconds: float) -> None:
+        """Hand a finished step's frames to every sink; runs on the delivery thread."""
         pixels = pending.result()[: len(pending.capture_times)]
-        self.metrics.frame_done(now() - pending.started, len(pending.capture_times))
+        self.metrics.frame_done(step_seconds, len(pending.capture_times))
         for capture_time, image in zip(pending.capture_times, pixels, strict=True):
             frame = Frame(image, pending.pixel_format, capture_time, self._delivered)
             self._delivered += 1

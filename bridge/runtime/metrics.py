@@ -47,7 +47,11 @@ class Metrics:
         self.sink_errors = 0
 
     def frame_done(self, step_seconds: float, frames: int = 1) -> None:
-        """The engine produced `frames` frames in one step that took `step_seconds`."""
+        """The engine produced `frames` frames in one step that took `step_seconds`.
+
+        A step's time is what it added to the GPU's timeline (see runtime/delivery.py): from its
+        launch, or from the end of the step before when it was queued behind it.
+        """
         with self._lock:
             self.frames += frames
             done = now()

@@ -1,9 +1,15 @@
 """Frames between host and GPU, overlapped with the GPU's work.
 
-The engine launches frame N on the GPU and, while it runs, hands frame N-1 to the sinks. Uploads
-and downloads go through rings of pinned buffers with an event each, so a buffer is never
-rewritten while a copy from or into it may still be queued, and the only wait is for a frame
-that must leave the GPU.
+A step's download is queued behind its work, and the event recorded after it says when its
+pixels are on the host: the delivery thread (delivery.py) waits on that event and hands the
+frames to the sinks at once, while the engine goes on launching. Uploads and downloads go
+through rings of pinned buffers with an event each, so a buffer is never rewritten while a copy
+from or into it may still be queued. The ring holds one buffer more than the steps that may be
+undelivered at once (`MAX_IN_FLIGHT`), so a download never lands in a buffer whose frames the
+delivery thread is still copying out.
+
+Off CUDA a step is finished when its launch returns: `PendingFrames` then has no event, and
+waiting on it returns at once.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-RING = 3
+# Steps launched but not yet handed to the sinks: the one on the GPU and the next, queued
+# behind it so the GPU never waits for the host.
+MAX_IN_FLIGHT = 2
+RING = MAX_IN_FLIGHT + 1
 
 
 @dataclass
@@ -26,10 +35,18 @@ class PendingFrames:
     started: float
     done: torch.cuda.Event | None = None
 
-    def result(self) -> np.ndarray:
-        """(N, H, W, C) uint8 pixels the sinks may keep; waits for the copy if still running."""
+    def finished(self) -> bool:
+        """Whether the pixels are on the host already; never waits."""
+        return self.done is None or self.done.query()
+
+    def wait(self) -> None:
+        """Wait until the pixels are on the host: the GPU finishes work it was given."""
         if self.done is not None:
             self.done.synchronize()
+
+    def result(self) -> np.ndarray:
+        """(N, H, W, C) uint8 pixels the sinks may keep; waits for the copy if still running."""
+        self.wait()
         pixels = self.pixels
         if isinstance(pixels, torch.Tensor):
             pixels = pixels.numpy().copy() if self.done is not None else pixels.numpy()
@@ -81,7 +98,9 @@ class HostTransfer:
         if not ring or ring[0][0].shape != shape:
             ring.clear()
             for _ in range(RING):
-                event = torch.cuda.Event()
+                # A blocking event puts a waiting thread to sleep until the GPU gets there,
+                # instead of spinning a core for the whole step.
+                event = torch.cuda.Event(blocking=True)
                 event.record(torch.cuda.current_stream(self.device))
                 ring.append((torch.empty(shape, dtype=torch.uint8, pin_memory=True), event))
         index = getattr(self, cursor)

@@ -119,3 +119,15 @@ def test_unknown_sink_file_type_lists_the_known_ones(tmp_path):
 def test_sink_into_a_missing_folder_says_to_create_it(tmp_path):
     with pytest.raises(TransportError, match="does not exist; create it first"):
         open_sink(f"file:{tmp_path / 'nowhere' / 'out.mp4'}", width=8, height=8)
+
+
+def test_a_video_frame_is_decoded_before_its_tick_so_it_leaves_on_time(tiny_video):
+    with open_source(f"file:{tiny_video}?fps=4", width=64, height=48) as source:
+        assert source.read(timeout=1.0).index == 0
+        decoded: list[int] = []
+        decode = source._decode_next
+        source._decode_next = lambda: decoded.append(source._index) or decode()
+        assert source.read(timeout=0.0) is None  # frame 1 is not due yet ...
+        assert decoded == [1]  # ... but is decoded already
+        frame = source.read(timeout=2.0)
+    assert frame.index == 1 and decoded == [1]  # handed over at its tick, no decoding then

@@ -47,3 +47,16 @@ def test_unknown_pattern_lists_the_known_ones():
 def test_reading_a_closed_source_says_to_open_it():
     with pytest.raises(TransportError, match=r"is not open; call open\(\)"):
         PatternSource("bars", 8, 8).read()
+
+
+def test_the_next_frame_is_drawn_before_its_tick_so_it_leaves_on_time():
+    with PatternSource("bars", 32, 32, fps=4) as source:
+        assert source.read(timeout=1.0).index == 0  # the first frame is due at once
+        drawn: list[int] = []
+        draw = source._draw
+        source._draw = lambda index: drawn.append(index) or draw(index)
+        assert source.read(timeout=0.0) is None  # frame 1 is not due yet ...
+        assert drawn == [1]  # ... but is drawn already
+        frame = source.read(timeout=2.0)
+    assert frame.index == 1 and drawn == [1]  # handed over at its tick, no drawing then
+    assert np.array_equal(frame.pixels, draw(1))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bridge.io import Frame, TransportError, open_sink, open_source
+from bridge.io.shm import DUE_EARLY, DUE_POLL_INTERVAL, MAX_PERIOD, POLL_INTERVAL, ShmSource
 
 
 def test_frames_cross_from_sink_to_source_with_capture_time(shm_name):
@@ -49,3 +50,21 @@ def test_source_without_a_writer_waits_and_reports_disconnected(shm_name):
 def test_bad_name_is_refused_with_the_naming_rule():
     with pytest.raises(ValueError, match="use 1 to 20 characters"):
         open_sink("shm:TouchDesigner output", width=8, height=8)
+
+
+def test_a_source_looks_often_only_while_the_next_frame_is_due():
+    source = ShmSource("polls", 8, 8)
+    assert source._poll_interval(5.0) == POLL_INTERVAL  # no period learnt yet
+    for arrival in (10.0, 10.02, 10.04):  # a writer at 50 fps
+        source._learn_period(arrival)
+    due = 10.06
+    assert source._poll_interval(10.041) == POLL_INTERVAL  # just after a frame
+    # Sleeps up to the moment the next frame may come, not past it ...
+    assert source._poll_interval(due - DUE_EARLY - 0.0004) == pytest.approx(0.0004)
+    # ... then looks often until it comes, also when it is a little late ...
+    assert source._poll_interval(due - DUE_EARLY / 2) == DUE_POLL_INTERVAL
+    assert source._poll_interval(due + 0.015) == DUE_POLL_INTERVAL
+    # ... and goes back to sleeping longer when a whole period passed without one.
+    assert source._poll_interval(due + 0.025) == POLL_INTERVAL
+    source._learn_period(due + 2 * MAX_PERIOD)  # a writer that paused: its gap is no period
+    assert source._poll_interval(due + 2 * MAX_PERIOD + 0.001) == POLL_INTERVAL

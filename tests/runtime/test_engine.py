@@ -145,7 +145,7 @@ def test_pause_stops_producing_frames_until_resumed(tiny):
     try:
         wait_for(lambda: len(sink.frames) >= 2)
         store.set("pause", True)
-        wait_for(lambda: engine.paused and engine._pending is None)  # nothing left in flight
+        wait_for(lambda: engine.paused and engine._delivery.in_flight == 0)  # nothing in flight
         paused_at = engine.metrics.frames
         seen = len(reports)
         wait_for(lambda: len(reports) >= seen + 3)  # the loop went round, paused, a while
