@@ -179,6 +179,9 @@ def _add_parameters(comp) -> None:
     for slot in range(sdb_osc.LORA_SLOTS):
         # Its scale is the Bridge page's LoRA scale, live.
         page.appendFile(f"Lora{slot}file", label=f"LoRA {slot} file")
+    # Its scale is the Bridge page's IP-Adapter scale, live; the picture a file or a source URI.
+    page.appendFile("Ipadapterfile", label="IP-Adapter file")
+    _string(page, "Ipadapterimage", "IP-Adapter picture (file or URI)", "")
     _toggle(page, "Tinyvae", "Tiny VAE (TAESD)", True)
     width, height = page.appendWH("Resolution", label="Resolution")
     for par in (width, height):

@@ -213,6 +213,9 @@ class StreamDiffusionBridgeExt:
             similarity_threshold=float(par.Filterthreshold.eval()),
             max_skip_frames=int(par.Filtermaxskip.eval()),
             loras=list(zip(sdb_osc.lora_files(files), scales, strict=False)),
+            ip_adapter=str(par.Ipadapterfile.eval()).strip(),
+            ip_adapter_image=str(par.Ipadapterimage.eval()).strip(),
+            ip_adapter_scale=float(par.Ipadapterscale.eval()),
         )
 
     def _lora_values(self) -> tuple[list[str], list[float]]:

@@ -71,6 +71,7 @@ LIVE_PARAMS: tuple[LiveParam, ...] = (
         "Bankthreshold", "Injection threshold", "/sd/bank/threshold", "float", 0.98, 0.0, 1.0
     ),
     LiveParam("Feedback", "Latent feedback", "/sd/feedback", "float", 0.0, 0.0, 1.0),
+    LiveParam("Ipadapterscale", "IP-Adapter scale", "/sd/ipadapter/scale", "float", 0.6, 0.0, 2.0),
     LiveParam("Pause", "Pause", "/sd/pause", "toggle", False),
 )
 

@@ -60,6 +60,12 @@ class BridgeSettings:
     max_skip_frames: int
     loras: Sequence[tuple[str, float]] = ()
     """LoRA files and their start scales; their scales then change live."""
+    ip_adapter: str = ""
+    """IP-Adapter weights file; empty: none."""
+    ip_adapter_image: str = ""
+    """The picture it follows: a file, or a source URI such as `spout:Style`."""
+    ip_adapter_scale: float = 0.6
+    """Its start scale, which then changes live."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -97,4 +103,10 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
     if settings.similarity_filter:
         command.append("--similarity-filter")
     command += [f"--lora={path}:{scale}" for path, scale in settings.loras]
+    if settings.ip_adapter:
+        command += [
+            f"--ip-adapter={settings.ip_adapter}",
+            f"--ip-adapter-image={settings.ip_adapter_image}",
+            f"--ip-adapter-scale={settings.ip_adapter_scale}",
+        ]
     return command

@@ -396,6 +396,17 @@ PARAMS: tuple[Param, ...] = (
         maximum=1.0,
     ),
     Param(
+        name="ip_adapter_scale",
+        address="/sd/ipadapter/scale",
+        kind=Kind.FLOAT,
+        default=0.6,
+        effect="IP-Adapter: how strongly the picture (ip_adapter_image) steers the output; 0 is "
+        "off, 1 as trained, above 1 stronger. Needs ip_adapter.",
+        minimum=0.0,
+        maximum=2.0,
+        stream=False,
+    ),
+    Param(
         name="pause",
         address="/sd/pause",
         kind=Kind.BOOL,
@@ -468,6 +479,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="input and output",
     ),
     _start(
+        name="ip_adapter_image",
+        kind=Kind.STRING,
+        default="",
+        effect="The picture the IP-Adapter follows: a PNG or JPEG file, read at start, or a source "
+        "URI (shm:NAME, spout:NAME, ndi:NAME, pattern:KIND, ...) whose newest frame wins.",
+        max_length=MAX_PROMPT_CHARS,
+        group="input and output",
+    ),
+    _start(
         name="model",
         kind=Kind.STRING,
         default="stabilityai/sd-turbo",
@@ -513,6 +533,24 @@ START_SETTINGS: tuple[Param, ...] = (
         default=False,
         effect="Fuse the LoRA files into the weights at their start scales: a few percent "
         "faster, but their scales no longer change live.",
+        group="model",
+    ),
+    _start(
+        name="ip_adapter",
+        kind=Kind.STRING,
+        default="",
+        effect="IP-Adapter weights file (e.g. h94/IP-Adapter's models/ip-adapter_sd15.safetensors) "
+        "or synthetic:NAME; the output then follows the style of ip_adapter_image.",
+        max_length=MAX_PROMPT_CHARS,
+        group="model",
+    ),
+    _start(
+        name="ip_adapter_image_encoder",
+        kind=Kind.STRING,
+        default="",
+        effect="Folder of the IP-Adapter's CLIP image encoder; empty: the image_encoder folder "
+        "beside the weights file.",
+        max_length=MAX_PROMPT_CHARS,
         group="model",
     ),
     _start(

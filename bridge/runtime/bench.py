@@ -50,6 +50,8 @@ class Case:
     # Random rank-16 LoRAs of the attention layers: live (scales that change) or fused.
     loras: int = 0
     fuse_loras: bool = False
+    # The synthetic IP-Adapter of the model, following a random picture at scale 0.6.
+    ip_adapter: bool = False
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -131,6 +133,15 @@ GPU_CASES = {
         loras=2,
         fuse_loras=True,
     ),
+    "turbo-img2img-ipadapter": Case(
+        "sd-turbo img2img 1 step, IP-Adapter",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        ip_adapter=True,
+    ),
 }
 CPU_CASES = {
     "tiny-img2img": Case(
@@ -149,6 +160,17 @@ CPU_SMOKE_CASES = {
         64,
         64,
         baseline="diffusers-xl",
+    ),
+    "tiny-img2img-ipadapter": Case(
+        "tiny img2img 1 step, IP-Adapter",
+        "synthetic:tiny",
+        "img2img",
+        (32,),
+        "none",
+        64,
+        64,
+        baseline="none",
+        ip_adapter=True,
     ),
 }
 
@@ -332,12 +354,22 @@ def run_diffusers_xl(case: Case, components, frames: int, warmup: int) -> Result
     return _result(case, "diffusers", "none", times, setup)
 
 
-def run_ours(case: Case, components, accel: str, frames: int, warmup: int) -> Result:
-    """Time our pipeline on `case` with one acceleration mode."""
+def run_ours(
+    case: Case, components, accel: str, frames: int, warmup: int, ip_adapter=None
+) -> Result:
+    """Time our pipeline on `case` with one acceleration mode.
+
+    With `ip_adapter` (loaded on `components`) it follows a random picture, and the time to
+    encode a new picture is reported too.
+    """
     device = components.unet.device
     started = time.perf_counter()
     stream = StreamDiffusion(components, case.config(), prompt=PROMPT)
     accelerate(stream, accel)
+    picture = torch.randint(0, 256, (case.height, case.width, 3), dtype=torch.uint8)
+    if ip_adapter is not None:
+        stream.image_prompt.set_image_tokens(ip_adapter.image_tokens(picture))
+        stream.image_prompt.set_scale(0.6)
     pixels = torch.randint(
         0,
         256,
@@ -365,6 +397,9 @@ def run_ours(case: Case, components, accel: str, frames: int, warmup: int) -> Re
     result = _result(case, "ours", accel, times, setup)
     if stream.accelerator is not None:
         result.extra["captures"] = stream.accelerator.captures
+    if ip_adapter is not None:
+        encodings = _time_frames(lambda: ip_adapter.image_tokens(picture), frames, warmup, device)
+        result.extra["style_embed_ms"] = statistics.median(encodings) * 1000
     return result
 
 
@@ -393,17 +428,21 @@ def run_bench(
         accels = ["none"]
     results: list[Result] = []
     loaded: dict[str, object] = {}
+    adapters: dict[str, object] = {}
     for name in case_names:
         case = cases[name]
-        key = f"{case.model} loras={case.loras} fused={case.fuse_loras}"
+        key = f"{case.model} loras={case.loras} fused={case.fuse_loras} ip={case.ip_adapter}"
         if key not in loaded:
             loaded.clear()
+            adapters.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"loading {case.model} on {device} ({dtype})")
             load_started = time.perf_counter()
             components = load_components(case.model, vae="tiny", device=device, dtype=dtype)
             _add_loras(components, case)
+            if case.ip_adapter:
+                adapters[key] = _add_ip_adapter(components, case)
             log(f"loaded {case.model} in {time.perf_counter() - load_started:.1f} s")
             if device.type == "cuda":
                 # Both implementations run on the same memory layout.
@@ -422,7 +461,8 @@ def run_bench(
                 elif accel == "diffusers-xl":
                     result = run_diffusers_xl(case, components, frames, warmup)
                 else:
-                    result = run_ours(case, components, accel, frames, warmup)
+                    adapter = adapters.get(key)
+                    result = run_ours(case, components, accel, frames, warmup, adapter)
             except Exception as error:  # a failing implementation must not hide the others
                 implementation = _IMPLEMENTATIONS.get(accel, "ours")
                 result = Result(
@@ -441,6 +481,9 @@ def run_bench(
                 result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
             results.append(result)
             log(format_row(result))
+            if "style_embed_ms" in result.extra:
+                encode = result.extra["style_embed_ms"]
+                log(f"  a new IP-Adapter picture encodes in {encode:.2f} ms")
     return results
 
 
@@ -462,6 +505,16 @@ def _add_loras(components, case: Case) -> None:
     else:
         load_live_loras(components, loras)
     shutil.rmtree(folder)
+
+
+def _add_ip_adapter(components, case: Case):
+    """Put the model's synthetic IP-Adapter on its UNet; return it (it encodes pictures)."""
+    from bridge.models.ip_adapter import load_ip_adapter
+    from bridge.stream.ip_adapter import install
+
+    adapter = load_ip_adapter(components, case.model)
+    install(components.unet, adapter.empty_tokens())
+    return adapter
 
 
 def format_row(result: Result) -> str:

@@ -41,6 +41,8 @@ from .workers import CountingSlot, SinkWorker, SourceWorker
 if TYPE_CHECKING:
     from bridge.models.live_lora import LiveLoras
 
+    from .image_prompt import ImagePromptInput
+
 log = logging.getLogger("sd_bridge")
 
 JOIN_SECONDS = 1.0
@@ -73,7 +75,8 @@ class Engine:
     """Runs the pipeline on frames from one source and hands results to every sink.
 
     `loras` are the LoRA adapters loaded live; their scales follow the store's
-    `lora_<index>_scale` values.
+    `lora_<index>_scale` values. `image_prompt` is the IP-Adapter's picture and scale, which
+    follow its source and the store's `ip_adapter_scale`.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Engine:
         input_loss_after: float = 0.5,
         hold_fps: float = 30.0,
         loras: LiveLoras | None = None,
+        image_prompt: ImagePromptInput | None = None,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
             raise ValueError('img2img needs a source; pass one, or use mode="txt2img".')
@@ -109,6 +113,7 @@ class Engine:
         self._lora_names = {
             LORA_SCALES.name.format(index=index): index for index in range(len(loras or ()))
         }
+        self.image_prompt = image_prompt
         self.hooks = hooks or EngineHooks()
         self.metrics = metrics or Metrics()
         self.status_interval = status_interval
@@ -145,6 +150,8 @@ class Engine:
         if self.source is not None:
             workers.append(SourceWorker(self.source, self.input_slot, stop))
         self._prompts.start()
+        if self.image_prompt is not None:
+            self.image_prompt.start(stop)
         for worker in [*self._sink_workers, *workers]:
             worker.start()
         self._delivery.start()
@@ -159,6 +166,8 @@ class Engine:
                     if snapshot.version != self._applied:
                         self.apply(snapshot)
                     self._advance_fades()
+                    if self.image_prompt is not None:
+                        self.image_prompt.advance()
                 except ValueError as error:  # a change the store allowed but the stream refused
                     self._prompt_fade = self._noise_fade = None
                     self._report_error("/sd", str(error))
@@ -171,6 +180,8 @@ class Engine:
             self._delivery.finish(SINK_STALL_SECONDS)
             stop.set()
             self._prompts.stop()
+            if self.image_prompt is not None:
+                self.image_prompt.stop()
             self._finish_sinks()
             deadline = now() + JOIN_SECONDS
             for worker in workers:
@@ -198,6 +209,8 @@ class Engine:
                 # The slots changed under a seed fade: land on its seed at once.
                 self._noise_fade = None
                 self.stream.update(seed=self._pending_seed)
+        if self.image_prompt is not None and "ip_adapter_scale" in changed:
+            self.image_prompt.set_scale(float(snapshot["ip_adapter_scale"]))
         if "seed" in changed:
             self._change_seed(int(snapshot["seed"]), 0.0 if first else float(snapshot["seed_fade"]))
         retext = False

@@ -19,6 +19,7 @@ from bridge.control.osc_server import parse_target
 from bridge.control.params import LORA_SCALES
 from bridge.io import Sink, Source, TransportError, open_sink, open_source
 from bridge.io.transports import check_uri
+from bridge.runtime.image_prompt import IMAGE_TOPIC, check_image_prompt, load_image_prompt
 from bridge.runtime.settings import parse_lora
 
 EXIT_USAGE = 2
@@ -74,6 +75,7 @@ def check_settings(settings: Any) -> list[tuple[str, float]]:
         check_uri(uri, "sink")
     for target in settings.osc_feedback:
         parse_target(target)
+    check_image_prompt(settings)
     return [parse_lora(text) for text in settings.lora]
 
 
@@ -182,6 +184,14 @@ def _build_engine(
         for index, adapter in enumerate(live_loras.adapters):
             address = LORA_SCALES.address.format(index=index)
             say(f"LoRA {adapter.path.name} at scale {live_loras.scale(index)}, live at {address}")
+    # The IP-Adapter goes on the UNet before the pipeline is built, which finds it there.
+    image_prompt = load_image_prompt(
+        settings,
+        components,
+        say=None if osc is None else lambda sentence: osc.report_error(IMAGE_TOPIC, sentence),
+    )
+    if image_prompt is not None and not settings.quiet:
+        say(image_prompt.describe())
     if not settings.quiet:
         say(f"preparing the stream (accel {accel})")
     with torch.inference_mode():
@@ -222,6 +232,7 @@ def _build_engine(
         on_input_loss=settings.on_input_loss,
         hold_fps=settings.fps,
         loras=live_loras,
+        image_prompt=image_prompt,
     )
 
 

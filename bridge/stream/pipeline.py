@@ -71,6 +71,7 @@ from .frames import (
     to_device_pixels,
     to_model_input,
 )
+from .ip_adapter import image_prompt_of
 from .schedule import StepSchedule, build_schedule
 from .similarity import SimilarityFilter
 
@@ -167,6 +168,8 @@ class StreamDiffusion:
         self._latent_feedback = torch.tensor(self.config.latent_feedback, device=self.device)
         # 0 until a frame is finished after a reset, then 1: feedback never blends in a stale frame.
         self._feedback_ready = torch.zeros((), device=self.device)
+        # An IP-Adapter put on the UNet (ip_adapter.py): told each call's conditional rows.
+        self.image_prompt = image_prompt_of(self.unet)
         self._rebuild()
 
     # ----------------------------------------------------------------- live changes
@@ -475,6 +478,8 @@ class StreamDiffusion:
         beta = s.beta[steps].view(-1, 1, 1, 1)
         t = s.timesteps[steps]
         count = x_t.shape[0]
+        if self.image_prompt is not None:  # negative-prompt passes come first, then `count`
+            self.image_prompt.select(count)
         cfg = self.config
         cond = self._cond.expand(count, -1, -1)
 

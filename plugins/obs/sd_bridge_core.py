@@ -164,6 +164,9 @@ LIVE_SETTINGS: tuple[LiveSetting, ...] = (
     LiveSetting("guidance", "Guidance", "/sd/guidance", "float", 1.2, 0.0, 20.0, 0.05),
     LiveSetting("seed", "Seed", "/sd/seed", "int", 2, 0, 2**31 - 1, 1),
     LiveSetting("seed_fade", "Seed fade (s)", "/sd/seed/fade", "float", 0.0, 0.0, 60.0, 0.1),
+    LiveSetting(
+        "ip_adapter_scale", "IP-Adapter scale", "/sd/ipadapter/scale", "float", 0.6, 0.0, 2.0, 0.01
+    ),
 )
 
 LORA_SLOTS = 2
@@ -336,12 +339,16 @@ class Launch:
     osc_port: int
     values: Mapping[str, object] = field(default_factory=dict)
     loras: Sequence[str] = ()
+    ip_adapter: str = ""
+    """IP-Adapter weights file; empty: none."""
+    ip_adapter_image: str = ""
+    """The picture it follows: a file, or a source URI such as `ndi:OBS`."""
 
 
 def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
     """The `sd-bridge run` command line for `launch`, or ValueError saying what to change."""
     values = {s.key: _typed(s, launch.values.get(s.key, s.default)) for s in LIVE_SETTINGS}
-    return [
+    command = [
         launch.python,
         "-m",
         "bridge.cli",
@@ -361,6 +368,22 @@ def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
     ] + [
         f"--lora={path}:{_typed(setting, launch.values.get(setting.key, setting.default))}"
         for path, setting in zip(lora_files(launch.loras), LORA_SETTINGS, strict=False)
+    ]
+    return command + _ip_adapter_flags(launch, values["ip_adapter_scale"])
+
+
+def _ip_adapter_flags(launch: Launch, scale: OscArg) -> list[str]:
+    if not launch.ip_adapter.strip():
+        return []
+    if not launch.ip_adapter_image.strip():
+        raise ValueError(
+            "The IP-Adapter needs a picture to follow; give an IP-Adapter picture: an image "
+            "file, or a source such as ndi:OBS."
+        )
+    return [
+        f"--ip-adapter={launch.ip_adapter.strip()}",
+        f"--ip-adapter-image={launch.ip_adapter_image.strip()}",
+        f"--ip-adapter-scale={scale}",
     ]
 
 

@@ -53,6 +53,10 @@ MODEL_CHOICES = (
     "stabilityai/stable-diffusion-xl-base-1.0",
 )
 MODEL_HINT = "For example " + ", ".join(MODEL_CHOICES) + ", or a local folder or .safetensors file."
+IP_ADAPTER_IMAGE_HINT = (
+    "The picture whose style the output follows: an image file (PNG, JPEG), or a source such as "
+    "ndi:OBS or spout:Style whose newest frame is followed."
+)
 
 
 def script_defaults(settings) -> None:
@@ -101,6 +105,13 @@ def script_properties():
     for slot in range(core.LORA_SLOTS):
         key, label = f"lora_{slot}_file", f"LoRA {slot} file (scale above)"
         obs.obs_properties_add_path(launch, key, label, obs.OBS_PATH_FILE, "*.safetensors", None)
+    label = "IP-Adapter file (scale above)"
+    filters = "*.safetensors *.bin"
+    obs.obs_properties_add_path(launch, "ip_adapter_file", label, obs.OBS_PATH_FILE, filters, None)
+    picture = obs.obs_properties_add_text(
+        launch, "ip_adapter_image", "IP-Adapter picture", obs.OBS_TEXT_DEFAULT
+    )
+    obs.obs_property_set_long_description(picture, IP_ADAPTER_IMAGE_HINT)
     _add_list(launch, "input_kind", "Input", core.INPUTS)
     obs.obs_properties_add_text(launch, "camera", "Camera index or device", obs.OBS_TEXT_DEFAULT)
     obs.obs_properties_add_text(
@@ -186,6 +197,8 @@ def _start() -> None:
         loras=[
             obs.obs_data_get_string(_settings, f"lora_{n}_file") for n in range(core.LORA_SLOTS)
         ],
+        ip_adapter=obs.obs_data_get_string(_settings, "ip_adapter_file"),
+        ip_adapter_image=obs.obs_data_get_string(_settings, "ip_adapter_image"),
     )
     try:
         command = core.bridge_command(launch)

@@ -243,6 +243,24 @@ def test_the_command_line_is_read_by_the_bridge_as_chosen() -> None:
     ParamStore(run.store_values())
 
 
+def test_an_ip_adapter_file_starts_the_bridge_with_it_its_picture_and_its_scale() -> None:
+    launch = replace(
+        LAUNCH,
+        ip_adapter="C:/models/ip-adapter_sd15.safetensors",
+        ip_adapter_image="ndi:OBS",
+        values={**LAUNCH.values, "ip_adapter_scale": 0.8},
+    )
+    run = parsed_run_settings(core.bridge_command(launch, "win32"))
+    assert (run.ip_adapter, run.ip_adapter_image, run.ip_adapter_scale) == (
+        "C:/models/ip-adapter_sd15.safetensors",
+        "ndi:OBS",
+        0.8,
+    )
+    assert not any("--ip-adapter" in part for part in core.bridge_command(LAUNCH, "win32"))
+    with pytest.raises(ValueError, match="needs a picture to follow"):
+        core.bridge_command(replace(launch, ip_adapter_image=" "), "win32")
+
+
 @pytest.mark.parametrize(
     ("changes", "platform", "uris"),
     [

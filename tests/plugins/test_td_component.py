@@ -121,6 +121,8 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
         "Model",
         "Lora0file",
         "Lora1file",
+        "Ipadapterfile",
+        "Ipadapterimage",
         "Tinyvae",
         "Resolutionw",
         "Resolutionh",

@@ -131,3 +131,20 @@ def test_each_lora_slot_with_a_file_starts_the_bridge_with_it_at_its_scale() -> 
     run = parsed_run_settings(sdb_process.bridge_command(settings))
     assert list(run.lora) == ["C:/loras/style.safetensors:0.8"]
     assert parse_lora(run.lora[0]) == ("C:/loras/style.safetensors", 0.8)
+
+
+def test_an_ip_adapter_file_starts_the_bridge_with_it_its_picture_and_its_scale() -> None:
+    settings = replace(
+        SETTINGS,
+        ip_adapter="C:/models/ip-adapter_sd15.safetensors",
+        ip_adapter_image="spout:Style",
+        ip_adapter_scale=0.8,
+    )
+    run = parsed_run_settings(sdb_process.bridge_command(settings))
+    assert (run.ip_adapter, run.ip_adapter_image) == (
+        "C:/models/ip-adapter_sd15.safetensors",
+        "spout:Style",
+    )
+    assert run.ip_adapter_scale == 0.8
+    without = sdb_process.bridge_command(replace(settings, ip_adapter=""))
+    assert not any(part.startswith("--ip-adapter") for part in without)

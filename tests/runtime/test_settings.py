@@ -271,6 +271,7 @@ LIVE_FLAGS = {
     "feature_bank_strength": (["--feature-bank-strength", "0.5"], [0.5]),
     "feature_bank_threshold": (["--feature-bank-threshold", "0.9"], [0.9]),
     "latent_feedback": (["--latent-feedback", "0.25"], [0.25]),
+    "ip_adapter_scale": (["--ip-adapter-scale", "1.5"], [1.5]),
     "pause": (["--pause"], [1]),
     "prompt_fade": (["--prompt-fade", "2"], [2.0]),
     "seed_fade": (["--seed-fade", "1.5"], [1.5]),
