@@ -79,7 +79,9 @@ class GraphedFrameStep:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph):
+            # Only this thread's CUDA calls are checked against the capture: the prompt and
+            # picture encoders go on working on their own threads and streams meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._static_out = stream.frame_step(self._static_in, pixel_format)
         finally:
             if collecting:
