@@ -213,6 +213,7 @@ class StreamDiffusionBridgeExt:
             similarity_threshold=float(par.Filterthreshold.eval()),
             max_skip_frames=int(par.Filtermaxskip.eval()),
             loras=list(zip(sdb_osc.lora_files(files), scales, strict=False)),
+            precision=str(par.Precision.eval()),
         )
 
     def _lora_values(self) -> tuple[list[str], list[float]]:

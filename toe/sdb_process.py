@@ -60,6 +60,8 @@ class BridgeSettings:
     max_skip_frames: int
     loras: Sequence[tuple[str, float]] = ()
     """LoRA files and their start scales; their scales then change live."""
+    precision: str = "default"
+    """The UNet's matrix products: "default" (the model's dtype) or "fp8" (Ada, Hopper GPUs)."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -80,6 +82,7 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         f"--width={settings.width}",
         f"--height={settings.height}",
         f"--accel={settings.accel}",
+        f"--precision={settings.precision}",
         "--osc-host=127.0.0.1",
         f"--osc-port={settings.osc_port}",
         f"--osc-feedback=127.0.0.1:{settings.feedback_port}",
