@@ -49,6 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         original=original,
         device=device,
         dtype=dtype,
+        precisions=args.precision.split(","),
     )
     print(bench.table(results))
     path = bench.write_report(results, device, Path(args.out))
@@ -237,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=20, help="untimed frames per run")
     bench.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
     bench.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
+    bench.add_argument(
+        "--precision",
+        default="default",
+        help="comma-separated UNet precisions of our runs: default, fp8 (default: default)",
+    )
     bench.add_argument(
         "--no-original",
         dest="original",

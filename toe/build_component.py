@@ -190,6 +190,7 @@ def _add_parameters(comp) -> None:
         par.normMax = 1024
         par.clampMin = True
     _menu(page, "Accel", "Acceleration", ("auto", "none", "cudagraph", "compile"), "auto")
+    _menu(page, "Precision", "UNet precision", ("default", "fp8"), "default")
     _menu(page, "Transport", "Transport", ("auto", "spout", "shm", "ndi"), "auto")
     _string(page, "Streamname", "Stream name", "sdbridge")
     _toggle(page, "Streaming", "Send and receive frames", True)

@@ -216,6 +216,7 @@ class StreamDiffusionBridgeExt:
             ip_adapter=str(par.Ipadapterfile.eval()).strip(),
             ip_adapter_image=str(par.Ipadapterimage.eval()).strip(),
             ip_adapter_scale=float(par.Ipadapterscale.eval()),
+            precision=str(par.Precision.eval()),
         )
 
     def _lora_values(self) -> tuple[list[str], list[float]]:

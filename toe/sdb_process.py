@@ -66,6 +66,8 @@ class BridgeSettings:
     """The picture it follows: a file, or a source URI such as `spout:Style`."""
     ip_adapter_scale: float = 0.6
     """Its start scale, which then changes live."""
+    precision: str = "default"
+    """The UNet's matrix products: "default" (the model's dtype) or "fp8" (Ada, Hopper GPUs)."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -86,6 +88,7 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         f"--width={settings.width}",
         f"--height={settings.height}",
         f"--accel={settings.accel}",
+        f"--precision={settings.precision}",
         "--osc-host=127.0.0.1",
         f"--osc-port={settings.osc_port}",
         f"--osc-feedback=127.0.0.1:{settings.feedback_port}",

@@ -1,8 +1,10 @@
-"""Model acceleration: CUDA graphs, torch.compile with a persistent cache, memory layout."""
+"""Model acceleration: CUDA graphs, torch.compile with a persistent cache, memory layout, and
+float8 matrix products for the UNet (fp8.py)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -11,10 +13,14 @@ import torch
 from bridge.stream import StreamDiffusion
 
 from .cudagraph import GraphedFrameStep
+from .fp8 import quantize_unet
 
 ACCEL_MODES = ("none", "cudagraph", "compile")
+PRECISIONS = ("default", "fp8")
 
-__all__ = ["ACCEL_MODES", "GraphedFrameStep", "accelerate", "default_compile_cache"]
+__all__ = ["ACCEL_MODES", "PRECISIONS", "GraphedFrameStep", "accelerate", "default_compile_cache"]
+
+log = logging.getLogger(__name__)
 
 
 def default_compile_cache() -> Path:
@@ -28,6 +34,7 @@ def accelerate(
     stream: StreamDiffusion,
     mode: str = "cudagraph",
     *,
+    precision: str = "default",
     compile_mode: str = "default",
     cache_dir: Path | None = None,
 ) -> StreamDiffusion:
@@ -37,9 +44,16 @@ def accelerate(
     - "cudagraph": the frame step captured as one CUDA graph, replayed every frame.
     - "compile": the UNet and VAE compiled by torch.compile (kernels cached in `cache_dir`),
       then captured as one CUDA graph as above.
+
+    `precision` "fp8" turns the UNet's large linear layers into float8 products (fp8.py) before
+    anything is compiled or captured; it needs an NVIDIA GPU of compute capability 8.9 or newer
+    and an fp16 or bf16 model, and is refused in one sentence otherwise. "default" keeps the
+    model's dtype.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
     if mode != "none" and stream.device.type != "cuda":
         raise ValueError(
             f'accel="{mode}" needs a CUDA GPU, but the pipeline runs on {stream.device}; '
@@ -50,6 +64,9 @@ def accelerate(
         torch.backends.cudnn.benchmark = True
         stream.unet.to(memory_format=torch.channels_last)
         stream.vae.to(memory_format=torch.channels_last)
+    if precision == "fp8":
+        plan = quantize_unet(stream)
+        log.info(plan.line())
     if mode == "compile":
         _compile(stream, compile_mode, cache_dir or default_compile_cache())
     if mode in ("cudagraph", "compile"):

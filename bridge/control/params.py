@@ -578,6 +578,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="model",
     ),
     _start(
+        name="precision",
+        kind=Kind.CHOICE,
+        default="default",
+        effect="UNet matrix products: default keeps dtype; fp8 runs the large ones in float8 "
+        "(NVIDIA GPUs of compute capability 8.9 or newer: Ada, Hopper).",
+        choices=("default", "fp8"),
+        group="model",
+    ),
+    _start(
         name="width",
         kind=Kind.INT,
         default=512,

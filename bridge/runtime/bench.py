@@ -8,10 +8,16 @@ instead (one denoising step, the same weights and size). Frames stay on the GPU 
 tensor in for the baselines, which their APIs want; uint8 in and out for ours), and every frame
 is waited for, as a live stream must: the timings are per-frame latencies, and fps is frames over
 wall-clock time. Each run also reports its peak GPU memory.
+
+Each of our runs can also use float8 UNet products (`precision` "fp8", see bridge/accel/fp8.py),
+beside the default precision in the same run. An fp8 run converts a copy of the UNet that shares
+the unconverted weights, so the other runs keep the model as loaded, and records which layers it
+converted and how far its UNet output is from the default UNet's on the same input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -25,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bridge.accel import accelerate
+from bridge.accel import PRECISIONS, accelerate
+from bridge.accel.fp8 import converted_layers, layer_group, shared_copy, unet_error, unet_inputs
 from bridge.models import load_components
 from bridge.stream import PromptEncoder, StreamConfig, StreamDiffusion
 
@@ -192,6 +199,13 @@ class Result:
     extra: dict = field(default_factory=dict)
     # The most GPU memory the run held at once (torch's allocator), 0 on the CPU.
     peak_memory_mb: float = 0.0
+    # Precision of our UNet's products: "default" (the dtype) or "fp8".
+    precision: str = "default"
+
+    @property
+    def label(self) -> str:
+        """The acceleration as the table shows it, with a precision other than the default."""
+        return self.accel if self.precision == "default" else f"{self.accel} {self.precision}"
 
 
 def device_name(device: torch.device) -> str:
@@ -355,17 +369,26 @@ def run_diffusers_xl(case: Case, components, frames: int, warmup: int) -> Result
 
 
 def run_ours(
-    case: Case, components, accel: str, frames: int, warmup: int, ip_adapter=None
+    case: Case,
+    components,
+    accel: str,
+    frames: int,
+    warmup: int,
+    ip_adapter=None,
+    precision: str = "default",
 ) -> Result:
-    """Time our pipeline on `case` with one acceleration mode.
+    """Time our pipeline on `case` with one acceleration mode and UNet precision.
 
     With `ip_adapter` (loaded on `components`) it follows a random picture, and the time to
     encode a new picture is reported too.
     """
     device = components.unet.device
+    reference = components.unet
+    if precision != "default":
+        components = dataclasses.replace(components, unet=shared_copy(reference))
     started = time.perf_counter()
     stream = StreamDiffusion(components, case.config(), prompt=PROMPT)
-    accelerate(stream, accel)
+    accelerate(stream, accel, precision=precision)
     picture = torch.randint(0, 256, (case.height, case.width, 3), dtype=torch.uint8)
     if ip_adapter is not None:
         stream.image_prompt.set_image_tokens(ip_adapter.image_tokens(picture))
@@ -394,13 +417,35 @@ def run_ours(
             torch.cuda.synchronize(device)
         setup = time.perf_counter() - started
         times = _time_frames(step, frames, warmup, device)
-    result = _result(case, "ours", accel, times, setup)
+        result = _result(case, "ours", accel, times, setup)
+        result.precision = precision
+        if precision != "default":
+            result.extra[precision] = precision_report(stream, reference)
     if stream.accelerator is not None:
         result.extra["captures"] = stream.accelerator.captures
     if ip_adapter is not None:
         encodings = _time_frames(lambda: ip_adapter.image_tokens(picture), frames, warmup, device)
         result.extra["style_embed_ms"] = statistics.median(encodings) * 1000
     return result
+
+
+def precision_report(stream: StreamDiffusion, reference: torch.nn.Module) -> dict:
+    """Which UNet layers run in float8, and how far the UNet's output is from `reference`'s
+    (the same model before conversion) on one call at the stream's shapes."""
+    layers = converted_layers(stream.unet)
+    groups: dict[str, int] = {}
+    for name in layers:
+        groups[layer_group(name)] = groups.get(layer_group(name), 0) + 1
+    args, kwargs = unet_inputs(stream)
+    error = unet_error(reference, stream.unet, args, kwargs)
+    return {
+        "latent_cosine": error["cosine"],
+        "latent_max_abs": error["max_abs"],
+        "reference_max_abs": error["reference_max_abs"],
+        "converted": len(layers),
+        "by_group": groups,
+        "layers": layers,
+    }
 
 
 def run_bench(
@@ -412,17 +457,24 @@ def run_bench(
     original: bool,
     device: torch.device,
     dtype: torch.dtype,
+    precisions: Sequence[str] = ("default",),
     log: Callable[[str], None] = print,
 ) -> list[Result]:
     """Run the named cases; an implementation that fails records its error and the rest go on.
 
     `original` asks for the original StreamDiffusion on the cases it can run; SDXL cases always
     run their diffusers baseline. Accelerations that need CUDA are left out on other devices.
+    Our pipeline runs once per acceleration and per UNet precision in `precisions`.
     """
     cases = {**GPU_CASES, **CPU_CASES, **CPU_SMOKE_CASES}
     unknown = [name for name in case_names if name not in cases]
     if unknown:
         raise ValueError(f"unknown bench case {unknown[0]!r}; choose from {', '.join(cases)}.")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}."
+            )
     if device.type != "cuda" and any(accel != "none" for accel in accels):
         log(f"note: accel {', '.join(accels)} needs CUDA; on {device} only accel none runs.")
         accels = ["none"]
@@ -451,8 +503,9 @@ def run_bench(
             loaded[key] = components
         components = loaded[key]
         baseline = case.baseline == "diffusers-xl" or (original and case.baseline == "original")
-        runs = ([case.baseline] if baseline else []) + list(accels)
-        for accel in runs:
+        ours = [(accel, precision) for accel in accels for precision in precisions]
+        runs = ([(case.baseline, "default")] if baseline else []) + ours
+        for accel, precision in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
@@ -462,7 +515,7 @@ def run_bench(
                     result = run_diffusers_xl(case, components, frames, warmup)
                 else:
                     adapter = adapters.get(key)
-                    result = run_ours(case, components, accel, frames, warmup, adapter)
+                    result = run_ours(case, components, accel, frames, warmup, adapter, precision)
             except Exception as error:  # a failing implementation must not hide the others
                 implementation = _IMPLEMENTATIONS.get(accel, "ours")
                 result = Result(
@@ -476,6 +529,7 @@ def run_bench(
                     0.0,
                     0.0,
                     error=f"{type(error).__name__}: {error}",
+                    precision=precision,
                 )
             if device.type == "cuda":
                 result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -521,10 +575,10 @@ def format_row(result: Result) -> str:
     """One line of the results table."""
     if result.error:
         return (
-            f"| {result.case} | {result.implementation} | {result.accel} | failed: {result.error} |"
+            f"| {result.case} | {result.implementation} | {result.label} | failed: {result.error} |"
         )
     return (
-        f"| {result.case} | {result.implementation} | {result.accel} | {result.fps:.1f} | "
+        f"| {result.case} | {result.implementation} | {result.label} | {result.fps:.1f} | "
         f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.latency_ms:.2f} | "
         f"{result.peak_memory_mb:.0f} |"
     )
@@ -542,11 +596,11 @@ def table(results: Sequence[Result]) -> str:
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.case} | {r.implementation} | {r.accel} | failed: {r.error} ||||||")
+            lines.append(f"| {r.case} | {r.implementation} | {r.label} | failed: {r.error} ||||||")
             continue
         ratio = f"{r.fps / original[r.case]:.2f}x" if r.case in original else ""
         lines.append(
-            f"| {r.case} | {r.implementation} | {r.accel} | {r.fps:.1f} | {r.p50_ms:.2f} | "
+            f"| {r.case} | {r.implementation} | {r.label} | {r.fps:.1f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.latency_ms:.2f} | {r.peak_memory_mb:.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -585,7 +639,7 @@ def draw_chart(results: Sequence[Result], title: str, path: Path) -> None:
     }
     for row, r in enumerate(rows):
         y = 35 + row * bar_height
-        label = f"{r.case} - {r.implementation} {r.accel if r.implementation == 'ours' else ''}"
+        label = f"{r.case} - {r.implementation} {r.label if r.implementation == 'ours' else ''}"
         draw.text((10, y + 4), label[:70], fill="black")
         length = int(width * r.fps / top)
         colour = colours["original"] if r.implementation != "ours" else colours.get(r.accel)

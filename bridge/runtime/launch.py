@@ -170,6 +170,7 @@ def _build_engine(
     import torch
 
     from bridge.accel import accelerate
+    from bridge.accel.fp8 import check_fp8
     from bridge.runtime.engine import Engine, EngineHooks
     from bridge.stream import StreamDiffusion
 
@@ -177,6 +178,9 @@ def _build_engine(
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     accel = pick_accel(settings.accel, device)
+    if settings.precision == "fp8":
+        # Before the model loads: a GPU without float8 products is told so at once.
+        check_fp8(device, dtype)
     if not settings.quiet:
         say(f"loading {settings.model} on {device} ({str(dtype).removeprefix('torch.')})")
     components, live_loras = load_model(settings, loras, device, dtype)
@@ -193,7 +197,8 @@ def _build_engine(
     if image_prompt is not None and not settings.quiet:
         say(image_prompt.describe())
     if not settings.quiet:
-        say(f"preparing the stream (accel {accel})")
+        precision = "" if settings.precision == "default" else f", precision {settings.precision}"
+        say(f"preparing the stream (accel {accel}{precision})")
     with torch.inference_mode():
         stream = accelerate(
             StreamDiffusion(
@@ -203,6 +208,7 @@ def _build_engine(
                 negative_prompt=settings.negative_prompt,
             ),
             accel,
+            precision=settings.precision,
         )
 
     def report(report_status: Any) -> None:

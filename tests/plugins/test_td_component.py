@@ -19,6 +19,7 @@ import pytest
 import sdb_osc
 
 from bridge.control import OscClient, OscServer, ParamStore
+from bridge.control.params import SETTINGS_BY_KEY
 from bridge.io.shm_protocol import ShmReader, ShmWriter
 from tests.control.helpers import wait_until
 from tests.plugins import td_standin
@@ -127,6 +128,7 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
         "Resolutionw",
         "Resolutionh",
         "Accel",
+        "Precision",
         "Transport",
         "Streamname",
         "Streaming",
@@ -136,6 +138,9 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
         "Stop",
     ]
     assert comp.par.Start.isPulse and comp.par.Stop.isPulse
+    # The bridge's own choices, so that every menu entry starts a bridge.
+    assert comp.par.Precision.menuNames == list(SETTINGS_BY_KEY["precision"].choices)
+    assert comp.par.Precision.eval() == "default"
     assert (comp.par.Resolutionw.eval(), comp.par.Resolutionh.eval()) == (512, 512)
     status = comp.customPages[2].pars
     assert [par.name for par in status] == [
