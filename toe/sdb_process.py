@@ -60,6 +60,8 @@ class BridgeSettings:
     max_skip_frames: int
     loras: Sequence[tuple[str, float]] = ()
     """LoRA files and their start scales; their scales then change live."""
+    controlnets: Sequence[str] = ()
+    """`controlnet` entries, MODEL@SOURCE@SCALE; their values then change live."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -97,4 +99,5 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
     if settings.similarity_filter:
         command.append("--similarity-filter")
     command += [f"--lora={path}:{scale}" for path, scale in settings.loras]
+    command += [f"--controlnet={entry}" for entry in settings.controlnets]
     return command

@@ -27,7 +27,8 @@ import torch
 
 from bridge.accel import accelerate
 from bridge.models import load_components
-from bridge.stream import PromptEncoder, StreamConfig, StreamDiffusion
+from bridge.stream import ControlNet, PromptEncoder, StreamConfig, StreamDiffusion
+from bridge.stream.canny import canny
 
 PROMPT = "a portrait of an astronaut, oil painting, dramatic light"
 
@@ -50,6 +51,11 @@ class Case:
     # Random rank-16 LoRAs of the attention layers: live (scales that change) or fused.
     loras: int = 0
     fuse_loras: bool = False
+    # One synthetic ControlNet of the model's architecture (CONTROLNETS) per entry, each named
+    # by where its control image comes from: "canny" (made on the GPU) or "passthrough".
+    controlnets: tuple[str, ...] = ()
+    # Time the canny preprocessor alone on frames of the case's size: no model runs.
+    preprocessor: bool = False
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -61,6 +67,13 @@ class Case:
             frame_buffer_size=self.frame_buffer_size,
         )
 
+
+# The synthetic ControlNet made for each synthetic model.
+CONTROLNETS = {
+    "synthetic:sd-turbo": "synthetic:controlnet-sd-turbo",
+    "synthetic:sd15": "synthetic:controlnet-sd15",
+    "synthetic:tiny": "synthetic:controlnet-tiny",
+}
 
 GPU_CASES = {
     "turbo-img2img": Case(
@@ -131,6 +144,33 @@ GPU_CASES = {
         loras=2,
         fuse_loras=True,
     ),
+    "turbo-img2img-controlnet": Case(
+        "sd-turbo img2img 1 step, 1 ControlNet (canny)",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        controlnets=("canny",),
+    ),
+    "turbo-img2img-2controlnet": Case(
+        "sd-turbo img2img 1 step, 2 ControlNets (canny, passthrough)",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        controlnets=("canny", "passthrough"),
+    ),
+    "canny-512": Case(
+        "canny preprocessor 512x512",
+        "",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        preprocessor=True,
+    ),
 }
 CPU_CASES = {
     "tiny-img2img": Case(
@@ -138,8 +178,30 @@ CPU_CASES = {
     ),
     "tiny-txt2img": Case("tiny txt2img 1 step", "synthetic:tiny", "txt2img", (0,), "none", 64, 64),
 }
-# The SDXL path at CPU size, for a smoke run of what the SDXL cases do.
+# The SDXL and ControlNet paths at CPU size, for a smoke run of what their GPU cases do.
 CPU_SMOKE_CASES = {
+    "tiny-img2img-controlnet": Case(
+        "tiny img2img 1 step, 1 ControlNet (canny)",
+        "synthetic:tiny",
+        "img2img",
+        (32,),
+        "none",
+        64,
+        64,
+        baseline="none",
+        controlnets=("canny",),
+    ),
+    "canny-64": Case(
+        "canny preprocessor 64x64",
+        "",
+        "img2img",
+        (32,),
+        "none",
+        width=64,
+        height=64,
+        baseline="none",
+        preprocessor=True,
+    ),
     "tinyxl-img2img": Case(
         "tiny-xl img2img 1 step",
         "synthetic:tiny-xl",
@@ -332,11 +394,21 @@ def run_diffusers_xl(case: Case, components, frames: int, warmup: int) -> Result
     return _result(case, "diffusers", "none", times, setup)
 
 
-def run_ours(case: Case, components, accel: str, frames: int, warmup: int) -> Result:
-    """Time our pipeline on `case` with one acceleration mode."""
+def run_ours(
+    case: Case, components, accel: str, frames: int, warmup: int, controlnets: Sequence = ()
+) -> Result:
+    """Time our pipeline on `case` with one acceleration mode (and `controlnets`' models)."""
     device = components.unet.device
     started = time.perf_counter()
-    stream = StreamDiffusion(components, case.config(), prompt=PROMPT)
+    stream = StreamDiffusion(
+        components,
+        case.config(),
+        prompt=PROMPT,
+        controlnets=[
+            ControlNet(model, source)
+            for model, source in zip(controlnets, case.controlnets, strict=True)
+        ],
+    )
     accelerate(stream, accel)
     pixels = torch.randint(
         0,
@@ -365,7 +437,41 @@ def run_ours(case: Case, components, accel: str, frames: int, warmup: int) -> Re
     result = _result(case, "ours", accel, times, setup)
     if stream.accelerator is not None:
         result.extra["captures"] = stream.accelerator.captures
+    if stream.controlnets is not None:
+        result.extra["controlnets"] = len(stream.controlnets)
     return result
+
+
+def run_canny(
+    case: Case, accel: str, frames: int, warmup: int, device: torch.device, dtype: torch.dtype
+) -> Result:
+    """Time the canny preprocessor alone on one frame of the case's size, as the frame step runs
+    it (under a CUDA graph with accel cudagraph, compiled first with compile)."""
+    started = time.perf_counter()
+    images = torch.rand((case.frame_buffer_size, 3, case.height, case.width), device=device)
+    images = images.to(dtype)
+    low = torch.tensor(100.0, device=device)
+    high = torch.tensor(200.0, device=device)
+    edges = torch.compile(canny, dynamic=False) if accel == "compile" else canny
+    with torch.inference_mode():
+        if accel == "none":
+
+            def step():
+                return edges(images, low, high)
+        else:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    edges(images, low, high)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                edges(images, low, high)
+            step = graph.replay
+        setup = time.perf_counter() - started
+        times = _time_frames(step, frames, warmup, device)
+    return _result(case, "ours", accel, times, setup)
 
 
 def run_bench(
@@ -395,8 +501,8 @@ def run_bench(
     loaded: dict[str, object] = {}
     for name in case_names:
         case = cases[name]
-        key = f"{case.model} loras={case.loras} fused={case.fuse_loras}"
-        if key not in loaded:
+        key = f"{case.model} loras={case.loras} fused={case.fuse_loras} cn={case.controlnets}"
+        if not case.preprocessor and key not in loaded:
             loaded.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -404,25 +510,28 @@ def run_bench(
             load_started = time.perf_counter()
             components = load_components(case.model, vae="tiny", device=device, dtype=dtype)
             _add_loras(components, case)
+            controlnet_models = _load_controlnets(components, case)
             log(f"loaded {case.model} in {time.perf_counter() - load_started:.1f} s")
             if device.type == "cuda":
                 # Both implementations run on the same memory layout.
                 components.unet.to(memory_format=torch.channels_last)
                 components.vae.to(memory_format=torch.channels_last)
-            loaded[key] = components
-        components = loaded[key]
+            loaded[key] = (components, controlnet_models)
+        components, controlnet_models = loaded.get(key, (None, []))
         baseline = case.baseline == "diffusers-xl" or (original and case.baseline == "original")
         runs = ([case.baseline] if baseline else []) + list(accels)
         for accel in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                if accel == "original":
+                if case.preprocessor:
+                    result = run_canny(case, accel, frames, warmup, device, dtype)
+                elif accel == "original":
                     result = run_original(case, components, frames, warmup)
                 elif accel == "diffusers-xl":
                     result = run_diffusers_xl(case, components, frames, warmup)
                 else:
-                    result = run_ours(case, components, accel, frames, warmup)
+                    result = run_ours(case, components, accel, frames, warmup, controlnet_models)
             except Exception as error:  # a failing implementation must not hide the others
                 implementation = _IMPLEMENTATIONS.get(accel, "ours")
                 result = Result(
@@ -442,6 +551,17 @@ def run_bench(
             results.append(result)
             log(format_row(result))
     return results
+
+
+def _load_controlnets(components, case: Case) -> list:
+    """One synthetic ControlNet of the model's architecture per ControlNet of the case."""
+    from bridge.models.controlnet import load_controlnet
+
+    device, dtype = components.unet.device, components.unet.dtype
+    return [
+        load_controlnet(CONTROLNETS[case.model], components.unet.config, device=device, dtype=dtype)
+        for _ in case.controlnets
+    ]
 
 
 def _add_loras(components, case: Case) -> None:

@@ -35,6 +35,8 @@ from .workers import CountingSlot, SinkWorker, SourceWorker
 if TYPE_CHECKING:
     from bridge.models.live_lora import LiveLoras
 
+    from .controlnets import ControlInputs
+
 log = logging.getLogger("sd_bridge")
 
 JOIN_SECONDS = 1.0
@@ -65,7 +67,8 @@ class Engine:
     """Runs the pipeline on frames from one source and hands results to every sink.
 
     `loras` are the LoRA adapters loaded live; their scales follow the store's
-    `lora_<index>_scale` values.
+    `lora_<index>_scale` values. `controls` drives the pipeline's ControlNets: their live values,
+    and the newest frame of each control input, copied in before each launch.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Engine:
         input_loss_after: float = 0.5,
         hold_fps: float = 30.0,
         loras: LiveLoras | None = None,
+        controls: ControlInputs | None = None,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
             raise ValueError('img2img needs a source; pass one, or use mode="txt2img".')
@@ -101,6 +105,7 @@ class Engine:
         self._lora_names = {
             LORA_SCALES.name.format(index=index): index for index in range(len(loras or ()))
         }
+        self.controls = controls
         self.hooks = hooks or EngineHooks()
         self.metrics = metrics or Metrics()
         self.status_interval = status_interval
@@ -139,6 +144,8 @@ class Engine:
         self._prompts.start()
         for worker in [*self._sink_workers, *workers]:
             worker.start()
+        if self.controls is not None:
+            self.controls.start(stop, self._report_error)
         self._last_input_at = now()
         self.apply(self.store.snapshot())
         produced = 0
@@ -150,6 +157,8 @@ class Engine:
                     if snapshot.version != self._applied:
                         self.apply(snapshot)
                     self._advance_fades()
+                    if self.controls is not None:
+                        self.controls.poll()
                 except ValueError as error:  # a change the store allowed but the stream refused
                     self._prompt_fade = self._noise_fade = None
                     self._report_error("/sd", str(error))
@@ -168,6 +177,8 @@ class Engine:
             deadline = now() + JOIN_SECONDS
             for worker in workers:
                 worker.join(max(0.0, deadline - now()))
+            if self.controls is not None:
+                self.controls.join()
         return produced
 
     def apply(self, snapshot: Snapshot) -> None:
@@ -200,6 +211,8 @@ class Engine:
             # A LoRA on the text encoder moved: cached embeddings are stale, and the prompt is
             # encoded again off the hot path, like a prompt change, and cut to when ready.
             self.stream.prompts.forget()
+        if self.controls is not None:
+            self.controls.apply(snapshot, changed)
         if retext or changed & {"prompt", "negative_prompt"}:
             fade = 0.0 if first or retext else float(snapshot["prompt_fade"])
             self._prompts.request(str(snapshot["prompt"]), str(snapshot["negative_prompt"]), fade)

@@ -19,6 +19,12 @@ from bridge.control.osc_server import parse_target
 from bridge.control.params import LORA_SCALES
 from bridge.io import Sink, Source, TransportError, open_sink, open_source
 from bridge.io.transports import check_uri
+from bridge.runtime.controlnets import (
+    ControlInputs,
+    check_controlnets,
+    controlnet_families,
+    load_controlnets,
+)
 from bridge.runtime.settings import parse_lora
 
 EXIT_USAGE = 2
@@ -96,11 +102,14 @@ def run_bridge(
     source: Source | None = None
     sinks: list[Sink] = []
     osc: OscServer | None = None
+    controls: ControlInputs | None = None
     try:
         try:
             loras = check_settings(settings)
+            controlnets = check_controlnets(settings.controlnet, settings.mode)
             live_scales = [] if settings.fuse_loras else [scale for _, scale in loras]
-            store = ParamStore(settings.store_values(), families={LORA_SCALES: live_scales})
+            families = {LORA_SCALES: live_scales, **controlnet_families(controlnets)}
+            store = ParamStore(settings.store_values(), families=families)
             osc = _start_osc(settings, store, stop)
             if settings.mode == "img2img":
                 source = open_source(
@@ -110,14 +119,23 @@ def run_bridge(
                 sinks.append(
                     open_sink(uri, width=settings.width, height=settings.height, fps=settings.fps)
                 )
-            engine = _build_engine(settings, loras, store, source, sinks, osc, say, status)
+            controls = ControlInputs.open(
+                controlnets, settings.width, settings.height, settings.fps
+            )
+            engine = _build_engine(
+                settings, loras, store, source, sinks, osc, say, status, controls
+            )
         except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
             say(f"sd-bridge: {error}")
             _close_all(source, sinks, osc)
+            if controls is not None:
+                controls.close()
             return EXIT_USAGE
     except KeyboardInterrupt:
         say("sd-bridge: stopped during start-up.")
         _close_all(source, sinks, osc)
+        if controls is not None:
+            controls.close()
         return EXIT_INTERRUPTED
     return _serve(engine, settings, source, osc, stop, say)
 
@@ -163,6 +181,7 @@ def _build_engine(
     osc: OscServer | None,
     say: Callable[[str], None],
     status: Callable[[Any], None] | None,
+    controls: ControlInputs,
 ) -> Any:
     """Load the model and prepare the accelerated stream: the slow part of start-up."""
     import torch
@@ -182,6 +201,14 @@ def _build_engine(
         for index, adapter in enumerate(live_loras.adapters):
             address = LORA_SCALES.address.format(index=index)
             say(f"LoRA {adapter.path.name} at scale {live_loras.scale(index)}, live at {address}")
+    controlnets = load_controlnets(
+        controls.entries,
+        components,
+        device=device,
+        dtype=dtype,
+        download=settings.download,
+        say=None if settings.quiet else say,
+    )
     if not settings.quiet:
         say(f"preparing the stream (accel {accel})")
     with torch.inference_mode():
@@ -191,9 +218,11 @@ def _build_engine(
                 config,
                 prompt=settings.prompt,
                 negative_prompt=settings.negative_prompt,
+                controlnets=controlnets,
             ),
             accel,
         )
+    controls.attach(stream.controlnets)
 
     def report(report_status: Any) -> None:
         if status is not None:
@@ -222,6 +251,7 @@ def _build_engine(
         on_input_loss=settings.on_input_loss,
         hold_fps=settings.fps,
         loras=live_loras,
+        controls=controls if controlnets else None,
     )
 
 
