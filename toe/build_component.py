@@ -92,6 +92,7 @@ def build(parent=None, tox_path: Path = TOX_PATH):
     _add_modules(comp)
     _add_network(comp)
     _add_parameters(comp)
+    _add_controlnet_page(comp)
     comp.par.ext0object = f"op('./{EXTENSION_DAT}').module.{EXTENSION_DAT}(me)"
     comp.par.ext0promote = True
     comp.initializeExtensions()
@@ -208,6 +209,20 @@ def _add_parameters(comp) -> None:
     for name, label in (("Drops", "Dropped frames"), ("Skips", "Skipped frames")):
         par = page.appendInt(name, label=label)[0]
         par.readOnly = True
+
+
+def _add_controlnet_page(comp) -> None:
+    """The ControlNet page: per slot, the model and control source it starts with (Start reads
+    them) and its live values from `sdb_osc.CONTROLNET_PARAMS`."""
+    page = comp.appendCustomPage("ControlNet")
+    sdb_osc = comp.op("sdb_osc").module
+    for slot in range(sdb_osc.CONTROLNET_SLOTS):
+        _string(page, f"Controlnet{slot}model", f"ControlNet {slot} model", "")
+        # canny, passthrough, or a source URI such as spout:KinectDepth.
+        _string(page, f"Controlnet{slot}source", f"ControlNet {slot} control", "canny")
+        for live in sdb_osc.CONTROLNET_PARAMS:
+            if live.address.startswith(f"/sd/controlnet/{slot}/"):
+                _append_live(page, live)
 
 
 def _append_live(page, live) -> None:

@@ -52,6 +52,11 @@ class StreamDiffusionBridgeExt:
                 self._send(sdb_osc.lora_messages(*self._lora_values()))
             except ValueError as error:
                 self._report(str(error))
+        elif par.name in sdb_osc.CONTROLNET_PARAMS_BY_PAR:
+            try:
+                self._send(sdb_osc.controlnet_messages(*self._controlnet_values()))
+            except ValueError as error:
+                self._report(str(error))
         elif par.name in CONNECTION_PARS:
             self.ApplyConnections()
 
@@ -87,6 +92,10 @@ class StreamDiffusionBridgeExt:
         messages, refusals = sdb_osc.all_messages(values)
         try:
             messages += sdb_osc.lora_messages(*self._lora_values())
+        except ValueError as error:
+            refusals.append(str(error))
+        try:
+            messages += sdb_osc.controlnet_messages(*self._controlnet_values())
         except ValueError as error:
             refusals.append(str(error))
         if not self._process.poll().running:
@@ -217,6 +226,7 @@ class StreamDiffusionBridgeExt:
             ip_adapter_image=str(par.Ipadapterimage.eval()).strip(),
             ip_adapter_scale=float(par.Ipadapterscale.eval()),
             precision=str(par.Precision.eval()),
+            controlnets=self._controlnet_entries(),
         )
 
     def _lora_values(self) -> tuple[list[str], list[float]]:
@@ -224,6 +234,23 @@ class StreamDiffusionBridgeExt:
         par = self.ownerComp.par
         files = [str(par[f"Lora{slot}file"].eval()) for slot in range(sdb_osc.LORA_SLOTS)]
         return files, [float(par[lora.par].eval()) for lora in sdb_osc.LORA_PARAMS]
+
+    def _controlnet_values(self) -> tuple[list[str], dict[str, object]]:
+        """The model of each ControlNet slot, and the live values of every slot by name."""
+        par = self.ownerComp.par
+        models = [
+            str(par[f"Controlnet{slot}model"].eval()) for slot in range(sdb_osc.CONTROLNET_SLOTS)
+        ]
+        return models, {live.par: par[live.par].eval() for live in sdb_osc.CONTROLNET_PARAMS}
+
+    def _controlnet_entries(self) -> list[str]:
+        """The `controlnet` entries the bridge starts with, from the ControlNet page."""
+        par = self.ownerComp.par
+        models, values = self._controlnet_values()
+        slots = range(sdb_osc.CONTROLNET_SLOTS)
+        sources = [str(par[f"Controlnet{slot}source"].eval()) for slot in slots]
+        scales = [values[f"Controlnet{slot}scale"] for slot in slots]
+        return sdb_osc.controlnet_entries(models, sources, scales)
 
     def _log_path(self) -> Path:
         # One log per TouchDesigner process: another one never truncates a log in use.

@@ -88,6 +88,54 @@ LORA_PARAMS: tuple[LiveParam, ...] = tuple(
 """The live scale of each LoRA slot, also its start scale; the bridge takes -2 to 2."""
 LORA_PARAMS_BY_PAR: Mapping[str, LiveParam] = {param.par: param for param in LORA_PARAMS}
 
+CONTROLNET_SLOTS = 2
+"""ControlNets the component can start the bridge with (ControlNet page: Controlnet0model and
+Controlnet0source, the same for slot 1)."""
+CONTROLNET_PARAMS: tuple[LiveParam, ...] = tuple(
+    param
+    for slot in range(CONTROLNET_SLOTS)
+    for param in (
+        LiveParam(
+            f"Controlnet{slot}scale",
+            f"ControlNet {slot} scale",
+            f"/sd/controlnet/{slot}/scale",
+            "float",
+            1.0,
+            0.0,
+            2.0,
+        ),
+        LiveParam(
+            f"Controlnet{slot}enable",
+            f"ControlNet {slot} on",
+            f"/sd/controlnet/{slot}/enable",
+            "toggle",
+            True,
+        ),
+        LiveParam(
+            f"Controlnet{slot}cannylow",
+            f"ControlNet {slot} canny low",
+            f"/sd/controlnet/{slot}/canny/low",
+            "float",
+            100.0,
+            0.0,
+            2040.0,
+        ),
+        LiveParam(
+            f"Controlnet{slot}cannyhigh",
+            f"ControlNet {slot} canny high",
+            f"/sd/controlnet/{slot}/canny/high",
+            "float",
+            200.0,
+            0.0,
+            2040.0,
+        ),
+    )
+)
+"""The live parameters of each ControlNet slot; its scale is also its start scale."""
+CONTROLNET_PARAMS_BY_PAR: Mapping[str, LiveParam] = {
+    param.par: param for param in CONTROLNET_PARAMS
+}
+
 STATUS_PARS: Mapping[str, str] = {
     "/sd/status/fps": "Fps",
     "/sd/status/latency_ms": "Latency",
@@ -172,6 +220,44 @@ def lora_messages(files: Sequence[str], scales: Sequence[object]) -> list[Messag
     """The scale messages of the LoRA slots that have a file (the bridge has no others)."""
     count = len(lora_files(files))
     return [osc_message(LORA_PARAMS[slot], scales[slot]) for slot in range(count)]
+
+
+def controlnet_entries(
+    models: Sequence[str], sources: Sequence[str], scales: Sequence[object]
+) -> list[str]:
+    """The bridge's `controlnet` entries, MODEL@SOURCE@SCALE, of the slots that have a model.
+
+    Slots are filled from the first; an empty source is canny, the edges of the input.
+    """
+    given = [str(model).strip() for model in models]
+    used = [model for model in given if model]
+    if given[: len(used)] != used:
+        raise ValueError(
+            "A ControlNet slot has a model after an empty one; fill the ControlNet slots in order."
+        )
+    entries = []
+    for slot, model in enumerate(used):
+        source = str(sources[slot]).strip() or "canny"
+        if "@" in model or "@" in source:
+            raise ValueError(
+                f"ControlNet {slot}'s model or source has an @, which the bridge reads as a "
+                "separator; rename the folder or file."
+            )
+        _, scale = osc_message(CONTROLNET_PARAMS_BY_PAR[f"Controlnet{slot}scale"], scales[slot])
+        entries.append(f"{model}@{source}@{scale[0]}")
+    return entries
+
+
+def controlnet_messages(models: Sequence[str], values: Mapping[str, object]) -> list[Message]:
+    """The live messages of the ControlNet slots that have a model (the bridge has no others)."""
+    loaded = tuple(
+        f"/sd/controlnet/{slot}/" for slot, model in enumerate(models) if str(model).strip()
+    )
+    return [
+        osc_message(param, values[param.par])
+        for param in CONTROLNET_PARAMS
+        if param.address.startswith(loaded)
+    ]
 
 
 def status_update(address: str, args: Sequence[object]) -> tuple[str, float] | None:

@@ -68,6 +68,8 @@ class BridgeSettings:
     """Its start scale, which then changes live."""
     precision: str = "default"
     """The UNet's matrix products: "default" (the model's dtype) or "fp8" (Ada, Hopper GPUs)."""
+    controlnets: Sequence[str] = ()
+    """`controlnet` entries, MODEL@SOURCE@SCALE; their values then change live."""
 
 
 def bridge_command(settings: BridgeSettings) -> list[str]:
@@ -112,4 +114,5 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
             f"--ip-adapter-image={settings.ip_adapter_image}",
             f"--ip-adapter-scale={settings.ip_adapter_scale}",
         ]
+    command += [f"--controlnet={entry}" for entry in settings.controlnets]
     return command

@@ -42,8 +42,8 @@ def accelerate(
 
     - "none": eager PyTorch (channels-last memory layout on CUDA).
     - "cudagraph": the frame step captured as one CUDA graph, replayed every frame.
-    - "compile": the UNet and VAE compiled by torch.compile (kernels cached in `cache_dir`),
-      then captured as one CUDA graph as above.
+    - "compile": the UNet, ControlNets and VAE compiled by torch.compile (kernels cached in
+      `cache_dir`), then captured as one CUDA graph as above.
 
     `precision` "fp8" turns the UNet's large linear layers into float8 products (fp8.py) before
     anything is compiled or captured; it needs an NVIDIA GPU of compute capability 8.9 or newer
@@ -64,6 +64,8 @@ def accelerate(
         torch.backends.cudnn.benchmark = True
         stream.unet.to(memory_format=torch.channels_last)
         stream.vae.to(memory_format=torch.channels_last)
+        for controlnet in _controlnets(stream):
+            controlnet.model.to(memory_format=torch.channels_last)
     if precision == "fp8":
         plan = quantize_unet(stream)
         log.info(plan.line())
@@ -82,8 +84,15 @@ def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> Non
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     options = {"mode": compile_mode, "fullgraph": False, "dynamic": False}
     stream.unet = torch.compile(stream.unet, **options)
+    for controlnet in _controlnets(stream):
+        controlnet.model = torch.compile(controlnet.model, **options)
     # The VAE is copied before its parts are swapped for compiled ones, so other pipelines
     # sharing the same components keep running it as it was.
     stream.vae = copy.deepcopy(stream.vae)
     stream.vae.encoder = torch.compile(stream.vae.encoder, **options)
     stream.vae.decoder = torch.compile(stream.vae.decoder, **options)
+
+
+def _controlnets(stream: StreamDiffusion) -> list:
+    """The pipeline's ControlNets (each with its `model`), none without any."""
+    return [] if stream.controlnets is None else stream.controlnets.controlnets

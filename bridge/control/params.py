@@ -554,6 +554,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="model",
     ),
     _start(
+        name="controlnet",
+        kind=Kind.STRING_LIST,
+        default=(),
+        effect="ControlNet, MODEL@SOURCE@SCALE; repeatable. SOURCE is canny (edges of the input), "
+        "passthrough (the input itself) or a source URI (shm:depth, spout:NAME, ...); canny and "
+        "1.0 when left out. Live at /sd/controlnet/0/scale, /enable, /canny/low and /canny/high.",
+        group="model",
+    ),
+    _start(
         name="device",
         kind=Kind.STRING,
         default="auto",
@@ -714,18 +723,21 @@ class ParamFamily:
     """Live parameters made at start, one per loaded item, such as `/sd/lora/<index>/scale`.
 
     The schema cannot list them: how many there are depends on what the bridge loaded. `name`
-    and `address` hold `{index}`; `members` makes the float parameters of the loaded items from
-    their start values, and `refusal` answers an address of the family whose index is not loaded.
+    and `address` hold `{index}`; `members` makes the parameters of the loaded items from their
+    start values, and `refusal` answers an address of the family whose index is not loaded.
+    Members are floats from `minimum` to `maximum` unless `kind` says otherwise (BOOL takes no
+    range).
     """
 
     name: str
     address: str
     item: str
     effect: str
-    minimum: float
-    maximum: float
+    minimum: float | None
+    maximum: float | None
     start_fix: str
     absent_fix: str
+    kind: Kind = Kind.FLOAT
 
     def members(self, starts: Sequence[object]) -> tuple[Param, ...]:
         """The parameters of items 0, 1, ... starting at `starts`, or `ParamError` for one out of
@@ -735,8 +747,8 @@ class ParamFamily:
             param = Param(
                 name=self.name.format(index=index),
                 address=self.address.format(index=index),
-                kind=Kind.FLOAT,
-                default=0.0,
+                kind=self.kind,
+                default=False if self.kind is Kind.BOOL else 0.0,
                 effect=self.effect,
                 minimum=self.minimum,
                 maximum=self.maximum,
@@ -800,7 +812,78 @@ LORA_SCALES = ParamFamily(
 )
 """One live scale per LoRA file loaded at start, unfused: `/sd/lora/<index>/scale`."""
 
-FAMILIES: tuple[ParamFamily, ...] = (LORA_SCALES,)
+# ControlNets: one member of each family per ControlNet given at start (the controlnet setting).
+# Above 2 a ControlNet's residuals outweigh the UNet's own and the picture breaks up.
+MAX_CONTROLNET_SCALE = 2.0
+# Canny thresholds are gradient magnitudes on cv2.Canny's scale: |gx| + |gy| of a 3x3 Sobel on
+# 0-255 luma reaches 2040 at most.
+MAX_CANNY_THRESHOLD = 2040.0
+_CONTROLNET_ABSENT = "give ControlNets at start (the controlnet setting)"
+
+CONTROLNET_SCALES = ParamFamily(
+    name="controlnet_{index}_scale",
+    address="/sd/controlnet/{index}/scale",
+    item="ControlNet",
+    effect="Conditioning scale of the ControlNet at this index of the controlnet setting (0 is "
+    "the first); 0 leaves the picture as without it. Changes with no pause.",
+    minimum=0.0,
+    maximum=MAX_CONTROLNET_SCALE,
+    start_fix=" as its start scale (MODEL@SOURCE@SCALE)",
+    absent_fix=_CONTROLNET_ABSENT,
+)
+"""One live conditioning scale per ControlNet: `/sd/controlnet/<index>/scale`."""
+
+CONTROLNET_ENABLES = ParamFamily(
+    name="controlnet_{index}_enable",
+    address="/sd/controlnet/{index}/enable",
+    item="ControlNet",
+    effect="Run the ControlNet at this index; off saves its time. A change captures the CUDA "
+    "graph again (a short pause).",
+    minimum=None,
+    maximum=None,
+    start_fix="",
+    absent_fix=_CONTROLNET_ABSENT,
+    kind=Kind.BOOL,
+)
+"""One live on/off switch per ControlNet: `/sd/controlnet/<index>/enable`."""
+
+CANNY_LOWS = ParamFamily(
+    name="controlnet_{index}_canny_low",
+    address="/sd/controlnet/{index}/canny/low",
+    item="ControlNet",
+    effect="Canny's lower threshold for the ControlNet at this index (cv2.Canny's scale): "
+    "weaker gradients joined to an edge still count. Used by the canny control source only.",
+    minimum=0.0,
+    maximum=MAX_CANNY_THRESHOLD,
+    start_fix="",
+    absent_fix=_CONTROLNET_ABSENT,
+)
+"""One live lower canny threshold per ControlNet: `/sd/controlnet/<index>/canny/low`."""
+
+CANNY_HIGHS = ParamFamily(
+    name="controlnet_{index}_canny_high",
+    address="/sd/controlnet/{index}/canny/high",
+    item="ControlNet",
+    effect="Canny's upper threshold for the ControlNet at this index: gradients above it are "
+    "edges. Used by the canny control source only.",
+    minimum=0.0,
+    maximum=MAX_CANNY_THRESHOLD,
+    start_fix="",
+    absent_fix=_CONTROLNET_ABSENT,
+)
+"""One live upper canny threshold per ControlNet: `/sd/controlnet/<index>/canny/high`."""
+
+CONTROLNET_FAMILIES: tuple[ParamFamily, ...] = (
+    CONTROLNET_SCALES,
+    CONTROLNET_ENABLES,
+    CANNY_LOWS,
+    CANNY_HIGHS,
+)
+"""The live parameters of each ControlNet, in the order `/sd/list` gives them."""
+CANNY_START = (100.0, 200.0)
+"""The canny thresholds a ControlNet starts with: those of ControlNet's canny annotator."""
+
+FAMILIES: tuple[ParamFamily, ...] = (LORA_SCALES, *CONTROLNET_FAMILIES)
 """Every family of indexed parameters; a store without members of one still refuses its addresses
 with a sentence."""
 
@@ -890,6 +973,25 @@ def osc_table_markdown() -> str:
             f"`{_default_text(param)}`",
             "yes" if param.changes_shapes else "no",
             param.effect,
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def family_table_markdown() -> str:
+    """Return the Markdown table of the indexed parameters, one row per family."""
+    lines = [
+        "| Address | Arguments | Range | Re-captures | Effect |",
+        "|---|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        sample = family.members([False if family.kind is Kind.BOOL else family.minimum])[0]
+        cells = (
+            f"`{family.address.replace('{index}', '<index>')}`",
+            _arguments_text(sample),
+            _range_text(sample),
+            "yes" if family is CONTROLNET_ENABLES else "no",
+            family.effect,
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -76,7 +76,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,13 +404,23 @@ def ensure_synthetic(name: str, root: str | Path | None = None) -> Path:
             f"{', '.join(SYNTHETIC_PREFIX + known for known in SPECS)}."
         )
     root = Path(root) if root is not None else default_synthetic_root()
-    folder = root / f"{bare}-v{RECIPE_VERSION}"
+    return build_once(
+        root / f"{bare}-v{RECIPE_VERSION}", lambda staging: write_synthetic(SPECS[bare], staging)
+    )
+
+
+def build_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """``folder``, written by ``write`` into a temporary folder beside it unless it exists.
+
+    The temporary folder is renamed into place, so a reader never sees a half-written model, and
+    two processes building at once both end with a complete one.
+    """
     if folder.is_dir():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{bare}-building-", dir=root))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-building-", dir=folder.parent))
     try:
-        write_synthetic(SPECS[bare], staging)
+        write(staging)
         try:
             staging.rename(folder)
         except OSError:

@@ -34,7 +34,8 @@ import torch
 from bridge.accel import PRECISIONS, accelerate
 from bridge.accel.fp8 import converted_layers, layer_group, shared_copy, unet_error, unet_inputs
 from bridge.models import load_components
-from bridge.stream import PromptEncoder, StreamConfig, StreamDiffusion
+from bridge.stream import ControlNet, PromptEncoder, StreamConfig, StreamDiffusion
+from bridge.stream.canny import canny
 
 PROMPT = "a portrait of an astronaut, oil painting, dramatic light"
 
@@ -59,6 +60,11 @@ class Case:
     fuse_loras: bool = False
     # The synthetic IP-Adapter of the model, following a random picture at scale 0.6.
     ip_adapter: bool = False
+    # One synthetic ControlNet of the model's architecture (CONTROLNETS) per entry, each named
+    # by where its control image comes from: "canny" (made on the GPU) or "passthrough".
+    controlnets: tuple[str, ...] = ()
+    # Time the canny preprocessor alone on frames of the case's size: no model runs.
+    preprocessor: bool = False
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -70,6 +76,13 @@ class Case:
             frame_buffer_size=self.frame_buffer_size,
         )
 
+
+# The synthetic ControlNet made for each synthetic model.
+CONTROLNETS = {
+    "synthetic:sd-turbo": "synthetic:controlnet-sd-turbo",
+    "synthetic:sd15": "synthetic:controlnet-sd15",
+    "synthetic:tiny": "synthetic:controlnet-tiny",
+}
 
 GPU_CASES = {
     "turbo-img2img": Case(
@@ -149,6 +162,33 @@ GPU_CASES = {
         baseline="none",
         ip_adapter=True,
     ),
+    "turbo-img2img-controlnet": Case(
+        "sd-turbo img2img 1 step, 1 ControlNet (canny)",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        controlnets=("canny",),
+    ),
+    "turbo-img2img-2controlnet": Case(
+        "sd-turbo img2img 1 step, 2 ControlNets (canny, passthrough)",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        controlnets=("canny", "passthrough"),
+    ),
+    "canny-512": Case(
+        "canny preprocessor 512x512",
+        "",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        preprocessor=True,
+    ),
 }
 CPU_CASES = {
     "tiny-img2img": Case(
@@ -156,8 +196,30 @@ CPU_CASES = {
     ),
     "tiny-txt2img": Case("tiny txt2img 1 step", "synthetic:tiny", "txt2img", (0,), "none", 64, 64),
 }
-# The SDXL path at CPU size, for a smoke run of what the SDXL cases do.
+# The SDXL and ControlNet paths at CPU size, for a smoke run of what their GPU cases do.
 CPU_SMOKE_CASES = {
+    "tiny-img2img-controlnet": Case(
+        "tiny img2img 1 step, 1 ControlNet (canny)",
+        "synthetic:tiny",
+        "img2img",
+        (32,),
+        "none",
+        64,
+        64,
+        baseline="none",
+        controlnets=("canny",),
+    ),
+    "canny-64": Case(
+        "canny preprocessor 64x64",
+        "",
+        "img2img",
+        (32,),
+        "none",
+        width=64,
+        height=64,
+        baseline="none",
+        preprocessor=True,
+    ),
     "tinyxl-img2img": Case(
         "tiny-xl img2img 1 step",
         "synthetic:tiny-xl",
@@ -376,18 +438,27 @@ def run_ours(
     warmup: int,
     ip_adapter=None,
     precision: str = "default",
+    controlnets: Sequence = (),
 ) -> Result:
     """Time our pipeline on `case` with one acceleration mode and UNet precision.
 
     With `ip_adapter` (loaded on `components`) it follows a random picture, and the time to
-    encode a new picture is reported too.
+    encode a new picture is reported too; `controlnets` are the models of `case.controlnets`.
     """
     device = components.unet.device
     reference = components.unet
     if precision != "default":
         components = dataclasses.replace(components, unet=shared_copy(reference))
     started = time.perf_counter()
-    stream = StreamDiffusion(components, case.config(), prompt=PROMPT)
+    stream = StreamDiffusion(
+        components,
+        case.config(),
+        prompt=PROMPT,
+        controlnets=[
+            ControlNet(model, source)
+            for model, source in zip(controlnets, case.controlnets, strict=True)
+        ],
+    )
     accelerate(stream, accel, precision=precision)
     picture = torch.randint(0, 256, (case.height, case.width, 3), dtype=torch.uint8)
     if ip_adapter is not None:
@@ -426,6 +497,8 @@ def run_ours(
     if ip_adapter is not None:
         encodings = _time_frames(lambda: ip_adapter.image_tokens(picture), frames, warmup, device)
         result.extra["style_embed_ms"] = statistics.median(encodings) * 1000
+    if stream.controlnets is not None:
+        result.extra["controlnets"] = len(stream.controlnets)
     return result
 
 
@@ -446,6 +519,38 @@ def precision_report(stream: StreamDiffusion, reference: torch.nn.Module) -> dic
         "by_group": groups,
         "layers": layers,
     }
+
+
+def run_canny(
+    case: Case, accel: str, frames: int, warmup: int, device: torch.device, dtype: torch.dtype
+) -> Result:
+    """Time the canny preprocessor alone on one frame of the case's size, as the frame step runs
+    it (under a CUDA graph with accel cudagraph, compiled first with compile)."""
+    started = time.perf_counter()
+    images = torch.rand((case.frame_buffer_size, 3, case.height, case.width), device=device)
+    images = images.to(dtype)
+    low = torch.tensor(100.0, device=device)
+    high = torch.tensor(200.0, device=device)
+    edges = torch.compile(canny, dynamic=False) if accel == "compile" else canny
+    with torch.inference_mode():
+        if accel == "none":
+
+            def step():
+                return edges(images, low, high)
+        else:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    edges(images, low, high)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                edges(images, low, high)
+            step = graph.replay
+        setup = time.perf_counter() - started
+        times = _time_frames(step, frames, warmup, device)
+    return _result(case, "ours", accel, times, setup)
 
 
 def run_bench(
@@ -483,8 +588,11 @@ def run_bench(
     adapters: dict[str, object] = {}
     for name in case_names:
         case = cases[name]
-        key = f"{case.model} loras={case.loras} fused={case.fuse_loras} ip={case.ip_adapter}"
-        if key not in loaded:
+        key = (
+            f"{case.model} loras={case.loras} fused={case.fuse_loras} ip={case.ip_adapter} "
+            f"cn={case.controlnets}"
+        )
+        if not case.preprocessor and key not in loaded:
             loaded.clear()
             adapters.clear()
             if device.type == "cuda":
@@ -495,13 +603,14 @@ def run_bench(
             _add_loras(components, case)
             if case.ip_adapter:
                 adapters[key] = _add_ip_adapter(components, case)
+            controlnet_models = _load_controlnets(components, case)
             log(f"loaded {case.model} in {time.perf_counter() - load_started:.1f} s")
             if device.type == "cuda":
                 # Both implementations run on the same memory layout.
                 components.unet.to(memory_format=torch.channels_last)
                 components.vae.to(memory_format=torch.channels_last)
-            loaded[key] = components
-        components = loaded[key]
+            loaded[key] = (components, controlnet_models)
+        components, controlnet_models = loaded.get(key, (None, []))
         baseline = case.baseline == "diffusers-xl" or (original and case.baseline == "original")
         ours = [(accel, precision) for accel in accels for precision in precisions]
         runs = ([(case.baseline, "default")] if baseline else []) + ours
@@ -509,13 +618,23 @@ def run_bench(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                if accel == "original":
+                if case.preprocessor:
+                    result = run_canny(case, accel, frames, warmup, device, dtype)
+                elif accel == "original":
                     result = run_original(case, components, frames, warmup)
                 elif accel == "diffusers-xl":
                     result = run_diffusers_xl(case, components, frames, warmup)
                 else:
-                    adapter = adapters.get(key)
-                    result = run_ours(case, components, accel, frames, warmup, adapter, precision)
+                    result = run_ours(
+                        case,
+                        components,
+                        accel,
+                        frames,
+                        warmup,
+                        ip_adapter=adapters.get(key),
+                        precision=precision,
+                        controlnets=controlnet_models,
+                    )
             except Exception as error:  # a failing implementation must not hide the others
                 implementation = _IMPLEMENTATIONS.get(accel, "ours")
                 result = Result(
@@ -539,6 +658,17 @@ def run_bench(
                 encode = result.extra["style_embed_ms"]
                 log(f"  a new IP-Adapter picture encodes in {encode:.2f} ms")
     return results
+
+
+def _load_controlnets(components, case: Case) -> list:
+    """One synthetic ControlNet of the model's architecture per ControlNet of the case."""
+    from bridge.models.controlnet import load_controlnet
+
+    device, dtype = components.unet.device, components.unet.dtype
+    return [
+        load_controlnet(CONTROLNETS[case.model], components.unet.config, device=device, dtype=dtype)
+        for _ in case.controlnets
+    ]
 
 
 def _add_loras(components, case: Case) -> None:

@@ -41,6 +41,7 @@ from .workers import CountingSlot, SinkWorker, SourceWorker
 if TYPE_CHECKING:
     from bridge.models.live_lora import LiveLoras
 
+    from .controlnets import ControlInputs
     from .image_prompt import ImagePromptInput
 
 log = logging.getLogger("sd_bridge")
@@ -77,6 +78,8 @@ class Engine:
     `loras` are the LoRA adapters loaded live; their scales follow the store's
     `lora_<index>_scale` values. `image_prompt` is the IP-Adapter's picture and scale, which
     follow its source and the store's `ip_adapter_scale`.
+    `controls` drives the pipeline's ControlNets: their live values,
+    and the newest frame of each control input, copied in before each launch.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Engine:
         hold_fps: float = 30.0,
         loras: LiveLoras | None = None,
         image_prompt: ImagePromptInput | None = None,
+        controls: ControlInputs | None = None,
     ) -> None:
         if source is None and stream.config.mode != "txt2img":
             raise ValueError('img2img needs a source; pass one, or use mode="txt2img".')
@@ -114,6 +118,7 @@ class Engine:
             LORA_SCALES.name.format(index=index): index for index in range(len(loras or ()))
         }
         self.image_prompt = image_prompt
+        self.controls = controls
         self.hooks = hooks or EngineHooks()
         self.metrics = metrics or Metrics()
         self.status_interval = status_interval
@@ -155,6 +160,8 @@ class Engine:
         for worker in [*self._sink_workers, *workers]:
             worker.start()
         self._delivery.start()
+        if self.controls is not None:
+            self.controls.start(stop, self._report_error)
         self._last_input_at = now()
         self.apply(self.store.snapshot())
         produced = 0
@@ -168,6 +175,8 @@ class Engine:
                     self._advance_fades()
                     if self.image_prompt is not None:
                         self.image_prompt.advance()
+                    if self.controls is not None:
+                        self.controls.poll()
                 except ValueError as error:  # a change the store allowed but the stream refused
                     self._prompt_fade = self._noise_fade = None
                     self._report_error("/sd", str(error))
@@ -186,6 +195,8 @@ class Engine:
             deadline = now() + JOIN_SECONDS
             for worker in workers:
                 worker.join(max(0.0, deadline - now()))
+            if self.controls is not None:
+                self.controls.join()
         return produced
 
     def apply(self, snapshot: Snapshot) -> None:
@@ -220,6 +231,8 @@ class Engine:
             # A LoRA on the text encoder moved: cached embeddings are stale, and the prompt is
             # encoded again off the hot path, like a prompt change, and cut to when ready.
             self.stream.prompts.forget()
+        if self.controls is not None:
+            self.controls.apply(snapshot, changed)
         if retext or changed & {"prompt", "negative_prompt"}:
             fade = 0.0 if first or retext else float(snapshot["prompt_fade"])
             self._prompts.request(str(snapshot["prompt"]), str(snapshot["negative_prompt"]), fade)

@@ -19,6 +19,12 @@ from bridge.control.osc_server import parse_target
 from bridge.control.params import LORA_SCALES
 from bridge.io import Sink, Source, TransportError, open_sink, open_source
 from bridge.io.transports import check_uri
+from bridge.runtime.controlnets import (
+    ControlInputs,
+    check_controlnets,
+    controlnet_families,
+    load_controlnets,
+)
 from bridge.runtime.image_prompt import IMAGE_TOPIC, check_image_prompt, load_image_prompt
 from bridge.runtime.settings import parse_lora
 
@@ -98,11 +104,14 @@ def run_bridge(
     source: Source | None = None
     sinks: list[Sink] = []
     osc: OscServer | None = None
+    controls: ControlInputs | None = None
     try:
         try:
             loras = check_settings(settings)
+            controlnets = check_controlnets(settings.controlnet, settings.mode)
             live_scales = [] if settings.fuse_loras else [scale for _, scale in loras]
-            store = ParamStore(settings.store_values(), families={LORA_SCALES: live_scales})
+            families = {LORA_SCALES: live_scales, **controlnet_families(controlnets)}
+            store = ParamStore(settings.store_values(), families=families)
             osc = _start_osc(settings, store, stop)
             if settings.mode == "img2img":
                 source = open_source(
@@ -112,14 +121,23 @@ def run_bridge(
                 sinks.append(
                     open_sink(uri, width=settings.width, height=settings.height, fps=settings.fps)
                 )
-            engine = _build_engine(settings, loras, store, source, sinks, osc, say, status)
+            controls = ControlInputs.open(
+                controlnets, settings.width, settings.height, settings.fps
+            )
+            engine = _build_engine(
+                settings, loras, store, source, sinks, osc, say, status, controls
+            )
         except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
             say(f"sd-bridge: {error}")
             _close_all(source, sinks, osc)
+            if controls is not None:
+                controls.close()
             return EXIT_USAGE
     except KeyboardInterrupt:
         say("sd-bridge: stopped during start-up.")
         _close_all(source, sinks, osc)
+        if controls is not None:
+            controls.close()
         return EXIT_INTERRUPTED
     return _serve(engine, settings, source, osc, stop, say)
 
@@ -165,6 +183,7 @@ def _build_engine(
     osc: OscServer | None,
     say: Callable[[str], None],
     status: Callable[[Any], None] | None,
+    controls: ControlInputs,
 ) -> Any:
     """Load the model and prepare the accelerated stream: the slow part of start-up."""
     import torch
@@ -196,6 +215,14 @@ def _build_engine(
     )
     if image_prompt is not None and not settings.quiet:
         say(image_prompt.describe())
+    controlnets = load_controlnets(
+        controls.entries,
+        components,
+        device=device,
+        dtype=dtype,
+        download=settings.download,
+        say=None if settings.quiet else say,
+    )
     if not settings.quiet:
         precision = "" if settings.precision == "default" else f", precision {settings.precision}"
         say(f"preparing the stream (accel {accel}{precision})")
@@ -206,10 +233,12 @@ def _build_engine(
                 config,
                 prompt=settings.prompt,
                 negative_prompt=settings.negative_prompt,
+                controlnets=controlnets,
             ),
             accel,
             precision=settings.precision,
         )
+    controls.attach(stream.controlnets)
 
     def report(report_status: Any) -> None:
         if status is not None:
@@ -239,6 +268,7 @@ def _build_engine(
         hold_fps=settings.fps,
         loras=live_loras,
         image_prompt=image_prompt,
+        controls=controls if controlnets else None,
     )
 
 

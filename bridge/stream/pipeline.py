@@ -50,18 +50,24 @@ as the k steps one after the other do. Latent feedback blends the latest finishe
 into each new input latent before it is noised (img2img):
     x0_in <- x0_in + w * (x0_prev - x0_in),
 with w = 0 until a first frame is finished, so that w = 0 leaves x0_in as it was, bit for bit.
+
+ControlNet. With `controlnets` every UNet call first runs them on its latents and adds their
+scaled residuals to the UNet's skip connections (control.py). Each latent of the stream batch
+reads its own frame's control image, kept per slot and moved on with the latent buffer, so stream
+batch still equals the k steps one after the other.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .conditioning import check_resolution, prompt_conditioning
 from .config import StreamConfig
+from .control import ControlNet, ControlStack
 from .feature_bank import FeatureBank, install
 from .frames import (
     PixelArray,
@@ -120,6 +126,8 @@ class StreamDiffusion:
     `components` is anything with `unet`, `vae`, `text_encoder`, `tokenizer` and an LCM
     `scheduler` (see `bridge.models.load_components`), and for an SDXL UNet `text_encoder_2` and
     `tokenizer_2` too (conditioning.py). Models must already sit on their device.
+    `controlnets` condition every frame on control images (control.py); their live values are
+    set through `self.controlnets`, None without any.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class StreamDiffusion:
         prompt: str = "",
         negative_prompt: str = "",
         prompt_cache_size: int = 32,
+        controlnets: Sequence[ControlNet] = (),
     ) -> None:
         self.unet = components.unet
         self.vae = components.vae
@@ -170,6 +179,11 @@ class StreamDiffusion:
         self._feedback_ready = torch.zeros((), device=self.device)
         # An IP-Adapter put on the UNet (ip_adapter.py): told each call's conditional rows.
         self.image_prompt = image_prompt_of(self.unet)
+        self.controlnets = (
+            ControlStack(controlnets, self.unet.config, self.device, self.dtype)
+            if controlnets
+            else None
+        )
         self._rebuild()
 
     # ----------------------------------------------------------------- live changes
@@ -265,13 +279,15 @@ class StreamDiffusion:
             cfg.do_add_noise,
             cfg.mode,
             cfg.feature_bank_size,
+            None if self.controlnets is None else self.controlnets.graph_key(),
         )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors a frame step advances; saved and restored around graph warm-up."""
         banked = [] if self._bank is None else self._bank.state_tensors()
         feedback = [self._feedback, self._feedback_ready]
-        return [self._buffer, self._ref_buffer, self._noise, *feedback, *banked]
+        controls = [] if self.controlnets is None else self.controlnets.state_tensors()
+        return [self._buffer, self._ref_buffer, self._noise, *feedback, *banked, *controls]
 
     def generators(self) -> list[torch.Generator]:
         """The generators a frame step draws from: a graph registers them, warm-up restores them."""
@@ -329,12 +345,16 @@ class StreamDiffusion:
 
         Once the buffer is primed this is what a CUDA graph captures and replays.
         """
+        images = None
         if self.config.mode == "txt2img":
             cfg = self.config
             shape = (cfg.frame_buffer_size, self.unet.config.in_channels, *cfg.latent_size)
             x0_in = torch.zeros(shape, device=self.device, dtype=self.dtype)
         else:
-            x0_in = self.encode(to_model_input(pixels, pixel_format, self.dtype))
+            images = to_model_input(pixels, pixel_format, self.dtype)
+            x0_in = self.encode(images)
+        if self.controlnets is not None:
+            self.controlnets.new_frames(images, fill=not self.primed)
         return from_model_output(self.decode(self.denoise(x0_in)), pixel_format)
 
     def _may_reuse(self, pixel_format: str) -> bool:
@@ -480,6 +500,8 @@ class StreamDiffusion:
         count = x_t.shape[0]
         if self.image_prompt is not None:  # negative-prompt passes come first, then `count`
             self.image_prompt.select(count)
+        if self.controlnets is not None:
+            self.controlnets.select(count)
         cfg = self.config
         cond = self._cond.expand(count, -1, -1)
 
@@ -544,8 +566,12 @@ class StreamDiffusion:
         self.unet_calls += 1
         self.last_unet_batch = x.shape[0]
         if self.conditioning is None:
-            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        return self.unet(x, t, **self.conditioning.unet_kwargs(context), return_dict=False)[0]
+            kwargs: dict[str, Any] = {"encoder_hidden_states": context}
+        else:
+            kwargs = self.conditioning.unet_kwargs(context)
+        if self.controlnets is not None:
+            kwargs.update(self.controlnets.residuals(x, t, kwargs))
+        return self.unet(x, t, **kwargs, return_dict=False)[0]
 
     # ------------------------------------------------------------------- helpers
 
@@ -640,6 +666,8 @@ class StreamDiffusion:
         self._restart_noise()
         self._filter = self._make_filter()
         self._sync_bank()
+        if self.controlnets is not None:
+            self.controlnets.reshape(cfg.denoising_steps, frames, cfg.height, cfg.width, cfg.mode)
         self.reset()
 
 

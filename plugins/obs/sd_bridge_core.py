@@ -149,7 +149,7 @@ class LiveSetting:
     key: str
     label: str
     address: str
-    kind: str  # "text", "float" or "int"
+    kind: str  # "text", "float", "int" or "bool"
     default: str | float | int
     minimum: float = 0.0
     maximum: float = 0.0
@@ -196,6 +196,81 @@ def lora_files(paths: Sequence[str]) -> list[str]:
     return used
 
 
+CONTROLNET_SLOTS = 2
+"""ControlNets the script can start the bridge with (ControlNet group: controlnet_0_model and
+controlnet_0_source, the same for slot 1)."""
+CONTROLNET_SETTINGS: tuple[LiveSetting, ...] = tuple(
+    setting
+    for slot in range(CONTROLNET_SLOTS)
+    for setting in (
+        LiveSetting(
+            f"controlnet_{slot}_scale",
+            f"ControlNet {slot} scale",
+            f"/sd/controlnet/{slot}/scale",
+            "float",
+            1.0,
+            0.0,
+            2.0,
+            0.01,
+        ),
+        LiveSetting(
+            f"controlnet_{slot}_enable",
+            f"ControlNet {slot} on",
+            f"/sd/controlnet/{slot}/enable",
+            "bool",
+            True,
+        ),
+        LiveSetting(
+            f"controlnet_{slot}_canny_low",
+            f"ControlNet {slot} canny low",
+            f"/sd/controlnet/{slot}/canny/low",
+            "float",
+            100.0,
+            0.0,
+            2040.0,
+            1.0,
+        ),
+        LiveSetting(
+            f"controlnet_{slot}_canny_high",
+            f"ControlNet {slot} canny high",
+            f"/sd/controlnet/{slot}/canny/high",
+            "float",
+            200.0,
+            0.0,
+            2040.0,
+            1.0,
+        ),
+    )
+)
+"""The live values of each ControlNet slot; its scale is also its start scale. Sent only for
+slots with a model."""
+
+
+def controlnet_entries(
+    controlnets: Sequence[tuple[str, str]], values: Mapping[str, object]
+) -> list[str]:
+    """The bridge's `controlnet` entries, MODEL@SOURCE@SCALE, of the (model, source) slots in use.
+
+    Slots are filled from the first; an empty source is canny, the edges of the input.
+    """
+    given = [(model.strip(), source.strip()) for model, source in controlnets]
+    used = [(model, source) for model, source in given if model]
+    if given[: len(used)] != used:
+        raise ValueError(
+            "A ControlNet slot has a model after an empty one; fill the ControlNet slots in order."
+        )
+    entries = []
+    for slot, (model, source) in enumerate(used):
+        if "@" in model or "@" in source:
+            raise ValueError(
+                f"ControlNet {slot}'s model or source has an @, which the bridge reads as a "
+                "separator; rename the folder or file."
+            )
+        scale = float(values.get(f"controlnet_{slot}_scale", 1.0))
+        entries.append(f"{model}@{source or 'canny'}@{scale}")
+    return entries
+
+
 @dataclass
 class BridgeStatus:
     """What the bridge last reported."""
@@ -227,9 +302,13 @@ class Controller:
         self._resend_on_report = False
         # How many LoRA files the bridge was started with: their scales are sent, no others.
         self.loras = 0
+        # Likewise for ControlNets: the values of the slots it was started with.
+        self.controlnets = 0
 
     def _live_settings(self) -> tuple[LiveSetting, ...]:
-        return LIVE_SETTINGS + LORA_SETTINGS[: self.loras]
+        loaded = tuple(f"controlnet_{slot}_" for slot in range(self.controlnets))
+        controlnets = tuple(s for s in CONTROLNET_SETTINGS if s.key.startswith(loaded))
+        return LIVE_SETTINGS + LORA_SETTINGS[: self.loras] + controlnets
 
     def update(self, values: Mapping[str, object]) -> None:
         """Take the current property values; send the numbers that changed."""
@@ -307,6 +386,8 @@ class Controller:
 def _typed(setting: LiveSetting, value: object) -> OscArg:
     if setting.kind == "text":
         return str(value)
+    if setting.kind == "bool":
+        return bool(value)
     if setting.kind == "int":
         return int(value)
     return float(value)
@@ -343,6 +424,8 @@ class Launch:
     """IP-Adapter weights file; empty: none."""
     ip_adapter_image: str = ""
     """The picture it follows: a file, or a source URI such as `ndi:OBS`."""
+    controlnets: Sequence[tuple[str, str]] = ()
+    """(model, control source) of each ControlNet slot; its scale is in `values`."""
 
 
 def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
@@ -368,6 +451,9 @@ def bridge_command(launch: Launch, platform: str = sys.platform) -> list[str]:
     ] + [
         f"--lora={path}:{_typed(setting, launch.values.get(setting.key, setting.default))}"
         for path, setting in zip(lora_files(launch.loras), LORA_SETTINGS, strict=False)
+    ]
+    command += [
+        f"--controlnet={entry}" for entry in controlnet_entries(launch.controlnets, launch.values)
     ]
     return command + _ip_adapter_flags(launch, values["ip_adapter_scale"])
 

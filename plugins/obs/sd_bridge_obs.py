@@ -61,9 +61,11 @@ IP_ADAPTER_IMAGE_HINT = (
 
 def script_defaults(settings) -> None:
     """Default values of every property."""
-    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
+    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS + core.CONTROLNET_SETTINGS:
         if setting.kind == "text":
             obs.obs_data_set_default_string(settings, setting.key, setting.default)
+        elif setting.kind == "bool":
+            obs.obs_data_set_default_bool(settings, setting.key, setting.default)
         elif setting.kind == "int":
             obs.obs_data_set_default_int(settings, setting.key, setting.default)
         else:
@@ -71,6 +73,8 @@ def script_defaults(settings) -> None:
     python = "python" if sys.platform == "win32" else "python3"
     obs.obs_data_set_default_string(settings, "python", python)
     obs.obs_data_set_default_string(settings, "model", "stabilityai/sd-turbo")
+    for slot in range(core.CONTROLNET_SLOTS):
+        obs.obs_data_set_default_string(settings, f"controlnet_{slot}_source", "canny")
     obs.obs_data_set_default_string(settings, "input_kind", "obs_vcam")
     obs.obs_data_set_default_string(settings, "camera", "0")
     obs.obs_data_set_default_string(settings, "input_sender", "OBS")
@@ -86,17 +90,7 @@ def script_properties():
     """The property widgets: live settings, the Bridge group, the status line."""
     props = obs.obs_properties_create()
     for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
-        if setting.kind == "text":
-            text_type = obs.OBS_TEXT_MULTILINE if setting.key == "prompt" else obs.OBS_TEXT_DEFAULT
-            obs.obs_properties_add_text(props, setting.key, setting.label, text_type)
-        elif setting.kind == "int":
-            obs.obs_properties_add_int(
-                props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
-            )
-        else:
-            obs.obs_properties_add_float_slider(
-                props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
-            )
+        _add_live(props, setting)
 
     launch = obs.obs_properties_create()
     obs.obs_properties_add_path(launch, "python", "Python executable", obs.OBS_PATH_FILE, "", None)
@@ -128,6 +122,23 @@ def script_properties():
     obs.obs_properties_add_button(launch, "start", "Start bridge", _start_clicked)
     obs.obs_properties_add_button(launch, "stop", "Stop bridge", _stop_clicked)
     obs.obs_properties_add_group(props, "bridge", "Bridge", obs.OBS_GROUP_NORMAL, launch)
+
+    controlnets = obs.obs_properties_create()
+    for slot in range(core.CONTROLNET_SLOTS):
+        label = f"ControlNet {slot} model (starts with the bridge)"
+        obs.obs_properties_add_text(
+            controlnets, f"controlnet_{slot}_model", label, obs.OBS_TEXT_DEFAULT
+        )
+        label = f"ControlNet {slot} control: canny, passthrough or a source URI"
+        obs.obs_properties_add_text(
+            controlnets, f"controlnet_{slot}_source", label, obs.OBS_TEXT_DEFAULT
+        )
+        for setting in core.CONTROLNET_SETTINGS:
+            if setting.key.startswith(f"controlnet_{slot}_"):
+                _add_live(controlnets, setting)
+    obs.obs_properties_add_group(
+        props, "controlnet", "ControlNet", obs.OBS_GROUP_NORMAL, controlnets
+    )
 
     obs.obs_properties_add_text(props, "status", "Status", obs.OBS_TEXT_INFO)
     obs.obs_properties_add_button(props, "refresh", "Refresh status", _refresh_clicked)
@@ -199,10 +210,18 @@ def _start() -> None:
         ],
         ip_adapter=obs.obs_data_get_string(_settings, "ip_adapter_file"),
         ip_adapter_image=obs.obs_data_get_string(_settings, "ip_adapter_image"),
+        controlnets=[
+            (
+                obs.obs_data_get_string(_settings, f"controlnet_{n}_model"),
+                obs.obs_data_get_string(_settings, f"controlnet_{n}_source"),
+            )
+            for n in range(core.CONTROLNET_SLOTS)
+        ],
     )
     try:
         command = core.bridge_command(launch)
         _controller.loras = len(core.lora_files(launch.loras))
+        _controller.controlnets = len(core.controlnet_entries(launch.controlnets, launch.values))
         if launch.input_kind == "obs_vcam" and not obs.obs_frontend_virtualcam_active():
             obs.obs_frontend_start_virtualcam()
         # Keyed by the OSC port, which a bridge left behind by a crash of OBS would still hold.
@@ -274,11 +293,30 @@ def _add_list(props, key: str, label: str, choices: dict[str, str]) -> None:
         obs.obs_property_list_add_string(prop, name, value)
 
 
+def _add_live(props, setting) -> None:
+    """The property widget of one live setting."""
+    if setting.kind == "text":
+        text_type = obs.OBS_TEXT_MULTILINE if setting.key == "prompt" else obs.OBS_TEXT_DEFAULT
+        obs.obs_properties_add_text(props, setting.key, setting.label, text_type)
+    elif setting.kind == "bool":
+        obs.obs_properties_add_bool(props, setting.key, setting.label)
+    elif setting.kind == "int":
+        obs.obs_properties_add_int(
+            props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
+        )
+    else:
+        obs.obs_properties_add_float_slider(
+            props, setting.key, setting.label, setting.minimum, setting.maximum, setting.step
+        )
+
+
 def _live_values(settings) -> dict[str, object]:
     values: dict[str, object] = {}
-    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS:
+    for setting in core.LIVE_SETTINGS + core.LORA_SETTINGS + core.CONTROLNET_SETTINGS:
         if setting.kind == "text":
             values[setting.key] = obs.obs_data_get_string(settings, setting.key)
+        elif setting.kind == "bool":
+            values[setting.key] = obs.obs_data_get_bool(settings, setting.key)
         elif setting.kind == "int":
             values[setting.key] = obs.obs_data_get_int(settings, setting.key)
         else:

@@ -38,13 +38,12 @@ import sd_bridge_obs
 
 KINDS = {{
     getattr(obs, "OBS_PROPERTY_" + kind): kind.lower()
-    for kind in ("TEXT", "FLOAT", "INT", "LIST", "BUTTON", "GROUP", "PATH")
+    for kind in ("TEXT", "FLOAT", "INT", "LIST", "BUTTON", "GROUP", "PATH", "BOOL")
 }}
 
 
 def script_load(settings):
     props = sd_bridge_obs.script_properties()
-    described = {{}}
     for name in {names!r}:
         prop = obs.obs_properties_get(props, name)
         if prop is None:
@@ -56,8 +55,9 @@ def script_load(settings):
                 obs.obs_property_list_item_string(prop, index)
                 for index in range(obs.obs_property_list_item_count(prop))
             ]
-        described[name] = entry
-    print("PROPERTIES " + json.dumps(described))
+        # One line each: OBS cuts a log line after a few kilobytes.
+        print("PROPERTY " + json.dumps([name, entry]))
+    print("PROPERTIES DONE")
     obs.obs_properties_destroy(props)
 '''
 
@@ -90,6 +90,19 @@ EXPECTED_PROPERTIES = {
     "osc_port": "int",
     "start": "button",
     "stop": "button",
+    "controlnet": "group",
+    **{
+        f"controlnet_{slot}_{name}": kind
+        for slot in (0, 1)
+        for name, kind in (
+            ("model", "text"),
+            ("source", "text"),
+            ("scale", "float"),
+            ("enable", "bool"),
+            ("canny_low", "float"),
+            ("canny_high", "float"),
+        )
+    },
     "status": "text",
     "refresh": "button",
 }
@@ -266,9 +279,12 @@ def test_obs_loads_the_script_and_sends_its_settings_to_the_bridge(
 
 
 def test_obs_builds_every_property_of_the_script(running_obs: RunningObs) -> None:
-    assert running_obs.wait_for_log("PROPERTIES ")
-    line = next(line for line in running_obs.log().splitlines() if "PROPERTIES " in line)
-    properties = json.loads(line.split("PROPERTIES ", 1)[1])
+    assert running_obs.wait_for_log("PROPERTIES DONE")
+    properties = dict(
+        json.loads(line.split("PROPERTY ", 1)[1])
+        for line in running_obs.log().splitlines()
+        if "PROPERTY " in line
+    )
     kinds = {name: entry["kind"] for name, entry in properties.items()}
     assert kinds == EXPECTED_PROPERTIES
     assert properties["input_kind"]["items"] == ["obs_vcam", "camera", "spout", "pattern", "ndi"]

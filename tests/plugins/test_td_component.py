@@ -101,7 +101,7 @@ def test_every_live_parameter_is_on_the_bridge_page_with_its_default(
     comp: td_standin.COMP,
 ) -> None:
     pages = {page.name: page for page in comp.customPages}
-    assert list(pages) == ["Bridge", "Launch", "Status"]
+    assert list(pages) == ["Bridge", "Launch", "Status", "ControlNet"]
     bridge_pars = [par.name for par in pages["Bridge"].pars]
     live_params = (*sdb_osc.LIVE_PARAMS, *sdb_osc.LORA_PARAMS)
     assert bridge_pars == [live.par for live in live_params] + ["Sendall"]
