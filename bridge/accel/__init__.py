@@ -11,10 +11,18 @@ import torch
 from bridge.stream import StreamDiffusion
 
 from .cudagraph import GraphedFrameStep
+from .text_graph import GraphedTextEncoders, graph_text_encoders
 
 ACCEL_MODES = ("none", "cudagraph", "compile")
 
-__all__ = ["ACCEL_MODES", "GraphedFrameStep", "accelerate", "default_compile_cache"]
+__all__ = [
+    "ACCEL_MODES",
+    "GraphedFrameStep",
+    "GraphedTextEncoders",
+    "accelerate",
+    "default_compile_cache",
+    "use_compile_cache",
+]
 
 
 def default_compile_cache() -> Path:
@@ -34,9 +42,10 @@ def accelerate(
     """Make `stream` faster in place and return it.
 
     - "none": eager PyTorch (channels-last memory layout on CUDA).
-    - "cudagraph": the frame step captured as one CUDA graph, replayed every frame.
+    - "cudagraph": the frame step captured as one CUDA graph, replayed every frame, and the
+      text encoders as another, replayed for each new prompt.
     - "compile": the UNet and VAE compiled by torch.compile (kernels cached in `cache_dir`),
-      then captured as one CUDA graph as above.
+      then captured as CUDA graphs as above.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
@@ -54,15 +63,25 @@ def accelerate(
         _compile(stream, compile_mode, cache_dir or default_compile_cache())
     if mode in ("cudagraph", "compile"):
         stream.accelerator = GraphedFrameStep(stream)
+        graph_text_encoders(stream.prompts)
     return stream
 
 
-def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> None:
+def use_compile_cache(cache_dir: Path | None = None) -> None:
+    """Keep what torch.compile makes in `cache_dir` (the default cache when None).
+
+    Call it before anything is compiled in this process: Inductor reads its cache location from
+    the environment when it first compiles.
+    """
+    cache_dir = cache_dir or default_compile_cache()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Inductor reads its cache location from the environment when it first compiles.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> None:
+    use_compile_cache(cache_dir)
     options = {"mode": compile_mode, "fullgraph": False, "dynamic": False}
     stream.unet = torch.compile(stream.unet, **options)
     # The VAE is copied before its parts are swapped for compiled ones, so other pipelines
