@@ -159,12 +159,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print the GPU, library versions, usable transports and cached models."""
+    """Print the GPU, library versions, whether compile works, transports and cached models."""
     import importlib.metadata
     import platform
 
     import torch
 
+    from bridge.accel.choice import compile_support, find_triton, try_compile
     from bridge.io import TransportError
     from bridge.io.ndi import runtime_version as ndi_runtime_version
     from bridge.models.hub import hf_hub_cache
@@ -188,6 +189,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"gpu {index}        {props.name}, {memory:.0f} GiB, CUDA {torch.version.cuda}")
     else:
         print("gpu          none found by torch (CPU only: expect a few frames per second at most)")
+    cuda = torch.cuda.is_available()
+    triton = find_triton() if cuda else None
+    usable, reason = compile_support(cuda, triton, torch.__version__, sys.platform)
+    if usable:
+        kernel_error = try_compile(torch.device("cuda"))
+        usable, reason = compile_support(
+            cuda, triton, torch.__version__, sys.platform, kernel_error
+        )
+    print(f"compile      {'yes' if usable else 'no'}: {reason}")
     cache = hf_hub_cache()
     models = sorted(p.name[len("models--") :].replace("--", "/") for p in cache.glob("models--*"))
     print(f"hf cache     {cache}: {', '.join(models) if models else 'no models'}")
@@ -228,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="transports and devices on this machine")
     listing.set_defaults(func=cmd_list)
-    doctor = sub.add_parser("doctor", help="GPU, versions, transports and cached models")
+    doctor = sub.add_parser(
+        "doctor", help="GPU, versions, whether compile works, transports and cached models"
+    )
     doctor.set_defaults(func=cmd_doctor)
 
     bench = sub.add_parser("bench", help="benchmark against the original StreamDiffusion")

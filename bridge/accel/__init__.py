@@ -14,11 +14,20 @@ from bridge.stream import StreamDiffusion
 
 from .cudagraph import GraphedFrameStep
 from .fp8 import quantize_unet
+from .text_graph import GraphedTextEncoders, graph_text_encoders
 
 ACCEL_MODES = ("none", "cudagraph", "compile")
 PRECISIONS = ("default", "fp8")
 
-__all__ = ["ACCEL_MODES", "PRECISIONS", "GraphedFrameStep", "accelerate", "default_compile_cache"]
+__all__ = [
+    "ACCEL_MODES",
+    "PRECISIONS",
+    "GraphedFrameStep",
+    "GraphedTextEncoders",
+    "accelerate",
+    "default_compile_cache",
+    "use_compile_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +50,10 @@ def accelerate(
     """Make `stream` faster in place and return it.
 
     - "none": eager PyTorch (channels-last memory layout on CUDA).
-    - "cudagraph": the frame step captured as one CUDA graph, replayed every frame.
+    - "cudagraph": the frame step captured as one CUDA graph, replayed every frame, and the
+      text encoders as another, replayed for each new prompt.
     - "compile": the UNet, ControlNets and VAE compiled by torch.compile (kernels cached in
-      `cache_dir`), then captured as one CUDA graph as above.
+      `cache_dir`), then captured as CUDA graphs as above.
 
     `precision` "fp8" turns the UNet's large linear layers into float8 products (fp8.py) before
     anything is compiled or captured; it needs an NVIDIA GPU of compute capability 8.9 or newer
@@ -73,15 +83,25 @@ def accelerate(
         _compile(stream, compile_mode, cache_dir or default_compile_cache())
     if mode in ("cudagraph", "compile"):
         stream.accelerator = GraphedFrameStep(stream)
+        graph_text_encoders(stream.prompts)
     return stream
 
 
-def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> None:
+def use_compile_cache(cache_dir: Path | None = None) -> None:
+    """Keep what torch.compile makes in `cache_dir` (the default cache when None).
+
+    Call it before anything is compiled in this process: Inductor reads its cache location from
+    the environment when it first compiles.
+    """
+    cache_dir = cache_dir or default_compile_cache()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Inductor reads its cache location from the environment when it first compiles.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> None:
+    use_compile_cache(cache_dir)
     options = {"mode": compile_mode, "fullgraph": False, "dynamic": False}
     stream.unet = torch.compile(stream.unet, **options)
     for controlnet in _controlnets(stream):

@@ -582,7 +582,8 @@ START_SETTINGS: tuple[Param, ...] = (
         name="accel",
         kind=Kind.CHOICE,
         default="auto",
-        effect="Acceleration; auto is cudagraph on CUDA and none elsewhere.",
+        effect="Acceleration; auto is compile where CUDA and a matching Triton are found, else "
+        "cudagraph on CUDA, else none; the start says which and why.",
         choices=("auto", "none", "cudagraph", "compile"),
         group="model",
     ),

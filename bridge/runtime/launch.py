@@ -12,12 +12,12 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.control import OscServer, OscServerError, ParamStore
 from bridge.control.osc_server import parse_target
 from bridge.control.params import LORA_SCALES
-from bridge.io import Sink, Source, TransportError, open_sink, open_source
+from bridge.io import Sink, Source, TransportError, now, open_sink, open_source
 from bridge.io.transports import check_uri
 from bridge.runtime.controlnets import (
     ControlInputs,
@@ -27,6 +27,9 @@ from bridge.runtime.controlnets import (
 )
 from bridge.runtime.image_prompt import IMAGE_TOPIC, check_image_prompt, load_image_prompt
 from bridge.runtime.settings import parse_lora
+
+if TYPE_CHECKING:
+    from bridge.accel.choice import AccelChoice
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -66,11 +69,27 @@ def pick_dtype(name: str, device: Any) -> Any:
     return dtypes[name]
 
 
-def pick_accel(name: str, device: Any) -> str:
-    """The acceleration mode `name` names; "auto" is cudagraph on CUDA and none elsewhere."""
-    if name != "auto":
-        return name
-    return "cudagraph" if device.type == "cuda" else "none"
+def pick_accel(name: str, device: Any) -> AccelChoice:
+    """The acceleration mode to run `device` with, and why; "auto" is the fastest that works.
+
+    See `bridge.accel.choice`: compile where CUDA and a matching Triton are present and a test
+    kernel compiles, else cudagraph on CUDA, else none. Triton is only looked for, and the test
+    kernel only tried, where compile could be used.
+    """
+    import torch
+
+    from bridge.accel.choice import choose_accel, compile_support, find_triton, try_compile
+
+    version, platform = torch.__version__, sys.platform
+    looks = device.type == "cuda" and name in ("auto", "compile")
+    triton = find_triton() if looks else None
+    kernel_error = None
+    if looks and compile_support(True, triton, version, platform)[0]:
+        kernel_error = try_compile(device)
+    try:
+        return choose_accel(name, device.type, triton, version, platform, kernel_error)
+    except ValueError as error:
+        raise StartError(str(error)) from None
 
 
 def check_settings(settings: Any) -> list[tuple[str, float]]:
@@ -98,6 +117,7 @@ def run_bridge(
     status report. Start-up problems are said in one sentence and give exit code 2; Ctrl-C
     during start-up stops quietly with 130.
     """
+    started = now()
     say = say or _say
     stop = stop or threading.Event()
     _show_logs(logging.WARNING if settings.quiet else logging.INFO)
@@ -125,7 +145,7 @@ def run_bridge(
                 controlnets, settings.width, settings.height, settings.fps
             )
             engine = _build_engine(
-                settings, loras, store, source, sinks, osc, say, status, controls
+                settings, loras, store, source, sinks, osc, say, status, controls, started
             )
         except (ValueError, FileNotFoundError, TransportError, OscServerError) as error:
             say(f"sd-bridge: {error}")
@@ -184,13 +204,19 @@ def _build_engine(
     say: Callable[[str], None],
     status: Callable[[Any], None] | None,
     controls: ControlInputs,
+    started: float,
 ) -> Any:
-    """Load the model and prepare the accelerated stream: the slow part of start-up."""
+    """Load the model and prepare the accelerated stream: the slow part of start-up.
+
+    The engine's metrics count from `started`, so that the first frame out says how long the
+    whole start took (model load, compile, capture), the number a warm compile cache shortens.
+    """
     import torch
 
     from bridge.accel import accelerate
     from bridge.accel.fp8 import check_fp8
     from bridge.runtime.engine import Engine, EngineHooks
+    from bridge.runtime.metrics import Metrics
     from bridge.stream import StreamDiffusion
 
     config = settings.stream_config()
@@ -225,7 +251,7 @@ def _build_engine(
     )
     if not settings.quiet:
         precision = "" if settings.precision == "default" else f", precision {settings.precision}"
-        say(f"preparing the stream (accel {accel}{precision})")
+        say(accel.line() + precision)
     with torch.inference_mode():
         stream = accelerate(
             StreamDiffusion(
@@ -235,7 +261,7 @@ def _build_engine(
                 negative_prompt=settings.negative_prompt,
                 controlnets=controlnets,
             ),
-            accel,
+            accel.mode,
             precision=settings.precision,
         )
     controls.attach(stream.controlnets)
@@ -253,6 +279,9 @@ def _build_engine(
                 report_status.skips,
             )
 
+    def first_frame(seconds: float) -> None:
+        say(f"first frame after {seconds:.1f} s")
+
     hooks = EngineHooks(
         status=report,
         error=osc.report_error if osc is not None else None,
@@ -264,6 +293,7 @@ def _build_engine(
         source,
         sinks,
         hooks=hooks,
+        metrics=Metrics(started=started, on_first_frame=None if settings.quiet else first_frame),
         on_input_loss=settings.on_input_loss,
         hold_fps=settings.fps,
         loras=live_loras,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.io import now
@@ -12,7 +13,11 @@ from bridge.io import now
 
 @dataclass(frozen=True)
 class Status:
-    """One report: rates over the last window, totals since start."""
+    """One report: rates over the last window, totals since start.
+
+    `first_frame_s` is how long the bridge took from its start to its first frame out (None
+    before that frame, or when the start was not given).
+    """
 
     fps: float
     latency_ms: float
@@ -22,6 +27,7 @@ class Status:
     drops: int
     skips: int
     sink_errors: int
+    first_frame_s: float | None = None
 
     def line(self) -> str:
         """The one-line status shown once a second."""
@@ -33,10 +39,23 @@ class Status:
 
 
 class Metrics:
-    """Thread-safe: the engine records frames, sink threads record deliveries and drops."""
+    """Thread-safe: the engine records frames, sink threads record deliveries and drops.
 
-    def __init__(self, window: int = 240) -> None:
+    Given `started` (seconds on `bridge.io.now`), the first frame recorded sets
+    `first_frame_s` and is told once to `on_first_frame`.
+    """
+
+    def __init__(
+        self,
+        window: int = 240,
+        *,
+        started: float | None = None,
+        on_first_frame: Callable[[float], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self._started = started
+        self._on_first_frame = on_first_frame
+        self.first_frame_s: float | None = None
         self._done_at: deque[float] = deque(maxlen=window)
         self._latencies: deque[float] = deque(maxlen=window)
         self._step_times: deque[float] = deque(maxlen=window)
@@ -57,6 +76,11 @@ class Metrics:
             done = now()
             self._done_at.extend([done] * frames)
             self._step_times.append(step_seconds)
+            first = self.first_frame_s is None and self._started is not None
+            if first:
+                self.first_frame_s = done - self._started
+        if first and self._on_first_frame is not None:
+            self._on_first_frame(self.first_frame_s)
 
     def delivered(self, capture_time: float) -> None:
         """A sink wrote a new frame captured at `capture_time` (seconds on `bridge.io.now`).
@@ -81,10 +105,11 @@ class Metrics:
             latencies = sorted(self._latencies)
             steps = list(self._step_times)
             totals = (self.frames, self.drops, self.skips, self.sink_errors)
+            first_frame = self.first_frame_s
         fps = (
             (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else 0.0
         )
         median = statistics.median(latencies) if latencies else 0.0
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
         step = statistics.median(steps) if steps else 0.0
-        return Status(fps, median * 1000, p99 * 1000, step * 1000, *totals)
+        return Status(fps, median * 1000, p99 * 1000, step * 1000, *totals, first_frame)

@@ -10,6 +10,11 @@ delivery thread is still copying out.
 
 Off CUDA a step is finished when its launch returns: `PendingFrames` then has no event, and
 waiting on it returns at once.
+
+Uploads run on a copy stream of their own: queued on the main stream, frame N's copy would start
+only after frame N-1's step, and so would everything that reads it. The main stream waits for
+the copy's event before it uses the frame; the similarity filter waits for that event alone
+(`bridge.stream.frames.upload_event`), so it decides on frame N while frame N-1 still runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from bridge.stream.frames import mark_uploaded
 
 # Steps launched but not yet handed to the sinks: the one on the GPU and the next, queued
 # behind it so the GPU never waits for the host.
@@ -59,20 +66,31 @@ class HostTransfer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self._copies = torch.cuda.Stream(device) if self.cuda else None
         self._inputs: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._outputs: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._next_in = 0
         self._next_out = 0
 
     def upload(self, pixels: np.ndarray) -> torch.Tensor | np.ndarray:
-        """Frame pixels on the pipeline's device (left as they are off CUDA)."""
+        """Frame pixels on the pipeline's device (left as they are off CUDA).
+
+        The caller's stream waits for the copy; nothing waits for the caller's stream.
+        """
         if not self.cuda:
             return pixels
         buffer, copied = self._slot(self._inputs, pixels.shape, "_next_in")
         copied.synchronize()  # the upload that last used this buffer has left it
         buffer.copy_(torch.from_numpy(pixels))
-        on_device = buffer.to(self.device, non_blocking=True)
-        copied.record(torch.cuda.current_stream(self.device))
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copies):
+            on_device = buffer.to(self.device, non_blocking=True)
+            copied.record(self._copies)
+        # Made on the copy stream and used on the main one: its memory must not go back to the
+        # copy stream before the main stream's work queued until it is freed has run.
+        on_device.record_stream(main)
+        main.wait_event(copied)
+        mark_uploaded(on_device, copied)
         return on_device
 
     def download(
@@ -98,10 +116,10 @@ class HostTransfer:
         if not ring or ring[0][0].shape != shape:
             ring.clear()
             for _ in range(RING):
-                # A blocking event puts a waiting thread to sleep until the GPU gets there,
-                # instead of spinning a core for the whole step.
+                # An event never recorded has passed: a new buffer waits for nothing. A blocking
+                # event puts a waiting thread to sleep until the GPU gets there, instead of
+                # spinning a core for the whole step.
                 event = torch.cuda.Event(blocking=True)
-                event.record(torch.cuda.current_stream(self.device))
                 ring.append((torch.empty(shape, dtype=torch.uint8, pin_memory=True), event))
         index = getattr(self, cursor)
         setattr(self, cursor, (index + 1) % RING)

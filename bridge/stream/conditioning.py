@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, tokenize
 
 # Original height and width, crop top and left, target height and width.
 TIME_IDS = 6
@@ -55,23 +55,18 @@ class DualPromptEncoder(PromptEncoder):
         super().__init__(tokenizers[0], text_encoders[0], cache_size=cache_size)
         self.pairs = list(zip(tokenizers, text_encoders, strict=True))
 
+    def token_ids(self, prompt: str) -> list[torch.Tensor]:
+        """The prompt's (1, length) token ids on the host from each tokenizer."""
+        return [tokenize(tokenizer, prompt) for tokenizer, _ in self.pairs]
+
     @torch.inference_mode()
-    def _encode(self, prompt: str) -> torch.Tensor:
+    def embed_ids(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Both encoders' penultimate tokens side by side, packed with the pooled embedding."""
         hidden = []
-        for tokenizer, text_encoder in self.pairs:
-            tokens = tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            output = text_encoder(
-                tokens.input_ids.to(text_encoder.device), output_hidden_states=True
-            )
+        for token_ids, (_, text_encoder) in zip(ids, self.pairs, strict=True):
+            output = text_encoder(token_ids.to(text_encoder.device), output_hidden_states=True)
             # SDXL reads the penultimate layer of both encoders.
             hidden.append(output.hidden_states[-2])
-        self.encode_count += 1
         # The pooled embedding is the last encoder's projected end-of-text token.
         return pack(torch.cat(hidden, dim=-1), output.text_embeds)
 

@@ -3,9 +3,13 @@
 Frames are HxWxC (or NxHxWxC) uint8 arrays or tensors; C is 3 for "rgb"/"bgr" and 4 for
 "rgba"/"bgra". Conversion runs on the pipeline's device: a frame is copied there as bytes, and
 only then widened to floats, so a 512x512 RGBA frame crosses the bus as 1 MiB, not 4 or 8.
+A frame uploaded on a stream of its own is noted with its upload's event (`mark_uploaded`), so
+that work needing only that frame can start before earlier GPU work ends.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -51,6 +55,31 @@ def to_device_pixels(frame: PixelArray, device: torch.device) -> torch.Tensor:
         frame = torch.from_numpy(np.ascontiguousarray(frame))
     pixels = frame.to(device, non_blocking=True)
     return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
+
+
+# Frames uploaded on a stream of their own (bridge.runtime.transfer does), by id, with the event
+# after which each is on its device; see `upload_event`.
+_UPLOADS: dict[int, tuple[weakref.ref, torch.cuda.Event]] = {}
+
+
+def mark_uploaded(pixels: torch.Tensor, ready: torch.cuda.Event) -> None:
+    """Note that `pixels` are on their device once `ready` has passed, whatever else is queued."""
+    for key, (alive, _) in list(_UPLOADS.items()):
+        if alive() is None:
+            _UPLOADS.pop(key, None)
+    _UPLOADS[id(pixels)] = (weakref.ref(pixels), ready)
+
+
+def upload_event(frame: object) -> torch.cuda.Event | None:
+    """The event after which an uploaded frame is on its device; None for any other frame.
+
+    Work that needs only the frame (the similarity filter) may wait for this event alone, rather
+    than for the caller's stream, where the previous frame step may still be queued.
+    """
+    entry = _UPLOADS.get(id(frame))
+    if entry is None or entry[0]() is not frame:
+        return None
+    return entry[1]
 
 
 def to_model_input(pixels: torch.Tensor, pixel_format: str, dtype: torch.dtype) -> torch.Tensor:

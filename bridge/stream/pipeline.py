@@ -76,6 +76,7 @@ from .frames import (
     like_input,
     to_device_pixels,
     to_model_input,
+    upload_event,
 )
 from .ip_adapter import image_prompt_of
 from .schedule import StepSchedule, build_schedule
@@ -323,8 +324,9 @@ class StreamDiffusion:
         check_frame(frame, pixel_format, cfg.height, cfg.width, cfg.frame_buffer_size)
         pixels = to_device_pixels(frame, self.device)
         if self._filter is not None:
-            images = to_model_input(pixels, pixel_format, self.dtype)
-            if self._filter.should_skip(images) and self._may_reuse(pixel_format):
+            # An uploaded frame is compared once its copy lands, not after the step before it.
+            skip = self._filter.should_skip_pixels(pixels, pixel_format, upload_event(frame))
+            if skip and self._may_reuse(pixel_format):
                 self.frames_skipped += 1
                 return like_input(self._last_output, frame)
         return like_input(self._run(pixels, pixel_format), frame)

@@ -1,8 +1,16 @@
-"""Text-encoder outputs computed once per prompt and kept in a small LRU cache."""
+"""Text-encoder outputs computed once per prompt and kept in a small LRU cache.
+
+Encoding has two halves: the tokenizer, on the host, turns a prompt into token ids padded to the
+tokenizer's fixed length (77 for CLIP); the text encoder, on the device, turns those ids into the
+embedding. The second half has fixed shapes, so an accelerator may replace it (bridge.accel
+replays it as a CUDA graph) without the tokenizer or the cache noticing.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +29,8 @@ class PromptEncoder:
         self.text_encoder = text_encoder
         self.cache_size = cache_size
         self.encode_count = 0
+        # What runs `embed_ids` for new prompts; None runs it eagerly.
+        self.accelerator: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
@@ -47,15 +57,28 @@ class PromptEncoder:
         """Drop every cached embedding: the text encoder's weights changed (a LoRA scale)."""
         self._cache = OrderedDict()
 
+    def token_ids(self, prompt: str) -> list[torch.Tensor]:
+        """The prompt's (1, length) token ids on the host, one tensor per tokenizer."""
+        return [tokenize(self.tokenizer, prompt)]
+
     @torch.inference_mode()
+    def embed_ids(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (1, tokens, width) embedding of token ids from `token_ids`, on the device."""
+        return self.text_encoder(ids[0].to(self.device))[0]
+
     def _encode(self, prompt: str) -> torch.Tensor:
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        ids = self.token_ids(prompt)
         self.encode_count += 1
-        ids = tokens.input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return (self.accelerator or self.embed_ids)(ids)
+
+
+def tokenize(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """(1, length) token ids, padded or cut to the tokenizer's fixed length."""
+    tokens = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return tokens.input_ids

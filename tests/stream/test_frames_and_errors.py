@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.stream import StreamConfig, StreamDiffusion
+from bridge.stream import StreamConfig, StreamDiffusion, frames
+from bridge.stream.frames import mark_uploaded, upload_event
 from tests.stream.helpers import SIZE, frame
 
 
@@ -115,3 +116,23 @@ def test_img2img_without_a_frame_and_txt2img_with_one_are_refused(make_stream):
         make_stream()()
     with pytest.raises(ValueError, match="txt2img mode takes no input frame"):
         make_stream(mode="txt2img")(frame(1))
+
+
+def test_an_uploaded_frame_is_known_by_its_upload_event_and_no_other_frame_is():
+    pixels, copy_of_it = torch.zeros((2, 2, 3), dtype=torch.uint8), torch.zeros((2, 2, 3))
+    event = object()  # what the upload recorded; only its identity matters here
+    mark_uploaded(pixels, event)
+    assert upload_event(pixels) is event
+    assert upload_event(copy_of_it) is None and upload_event(pixels.unsqueeze(0)) is None
+    assert upload_event(frame(1)) is None
+    address = id(pixels)
+    del pixels
+    assert frames._UPLOADS[address][0]() is None  # the note does not keep a frame alive
+    # Python soon gives the freed frame's id to a new object, which must not pass for it.
+    others = [torch.zeros((2, 2, 3), dtype=torch.uint8) for _ in range(50)]
+    (reused,) = [other for other in others if id(other) == address]
+    assert upload_event(reused) is None
+    newer, its_event = torch.ones(1), object()
+    mark_uploaded(newer, its_event)  # and noting a new upload forgets the freed ones
+    assert all(alive() is not None for alive, _ in frames._UPLOADS.values())
+    assert upload_event(newer) is its_event

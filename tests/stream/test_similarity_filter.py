@@ -90,3 +90,47 @@ def test_a_changed_frame_is_processed_with_the_filter_on(make_stream):
     stream(frame(2))
     assert stream.unet_calls == calls + 1
     assert stream.frames_skipped == 0
+
+
+def checkerboard(side: int) -> torch.Tensor:
+    """+1 and -1 on alternate pixels: detail finer than any pooled cell."""
+    rows = torch.arange(side).view(-1, 1)
+    return ((rows + torch.arange(side)) % 2 * 2 - 1).float().expand(1, 3, side, side)
+
+
+def test_large_pictures_are_compared_pooled_so_pixel_fine_detail_weighs_little():
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.rand((1, 3, 8, 8), generator=generator) * 2 - 1
+    picture = blocks.repeat_interleave(32, 2).repeat_interleave(32, 3)  # 256x256
+    grainy = picture + 0.5 * checkerboard(256)
+    whole = torch.nn.functional.cosine_similarity(picture.reshape(1, -1), grainy.reshape(1, -1))
+    assert whole.item() < 0.9  # compared whole, the grain alone would stop any skip
+    filt = SimilarityFilter(threshold=0.98, max_skip_frames=10, seed=0)
+    filt.should_skip(picture)
+    filt.should_skip(grainy)
+    assert filt.last_similarity > 0.9999
+
+
+def test_changes_at_the_scale_of_the_latent_grid_weigh_as_on_the_whole_picture():
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.rand((1, 3, 32, 32), generator=generator) * 2 - 1 for _ in range(2))
+    big_a, big_b = (x.repeat_interleave(8, 2).repeat_interleave(8, 3) for x in (a, b))
+    whole = torch.nn.functional.cosine_similarity(big_a.reshape(1, -1), big_b.reshape(1, -1))
+    filt = SimilarityFilter(threshold=0.98, max_skip_frames=10, seed=0)
+    filt.should_skip(big_a)
+    filt.should_skip(big_b)
+    assert filt.last_similarity == pytest.approx(whole.item(), abs=1e-5)
+
+
+def test_frames_are_compared_as_the_pictures_the_vae_takes_not_as_bytes():
+    # Cosine similarity changes with an offset: bytes in [0, 255] would all look alike.
+    dark, bright = frame(1) // 4, frame(2) // 4 + 190
+    filt = SimilarityFilter(threshold=0.98, max_skip_frames=10, seed=0)
+    for pixels in (dark, bright):
+        filt.should_skip_pixels(torch.from_numpy(pixels)[None], "rgb")
+    images = [torch.from_numpy(p).permute(2, 0, 1).float() / 127.5 - 1 for p in (dark, bright)]
+    expected = torch.nn.functional.cosine_similarity(
+        images[0].reshape(1, -1), images[1].reshape(1, -1)
+    )
+    assert filt.last_similarity == pytest.approx(expected.item(), abs=1e-5)
+    assert filt.last_similarity < 0
