@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from bridge.control import OscClient, OscServer, ParamStore
+
+# One intra-op thread for torch here and, through the environment, in every bridge process a
+# test starts. The test models' tensors are too small to gain from a second thread, while
+# OpenMP threads that wait for each other by spinning slow down many times over as soon as
+# another process wants the same cores: a bridge under test beside the test itself, two bridges,
+# another test run. OMP_NUM_THREADS set before the run wins.
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,7 +19,10 @@ class Components:
 
     ``family`` is ``"sd15"``, ``"sd21"`` or ``"sdxl"``; ``source`` says, for people, where the
     model came from. SDXL models also have ``text_encoder_2`` and ``tokenizer_2`` (OpenCLIP
-    ViT-bigG with its projection); the others leave them None.
+    ViT-bigG with its projection); the others leave them None. ``force_zeros_for_empty_prompt``
+    is the SDXL pipeline's flag of that name, read from ``model_index.json``
+    (:func:`bridge.models.family.force_zeros_for_empty_prompt`): an empty negative prompt then
+    conditions on zeros. SD 1.x and 2.x pipelines have no such flag and leave it False.
     """
 
     unet: UNet2DConditionModel
@@ -31,6 +34,7 @@ class Components:
     source: str
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: PreTrainedTokenizerBase | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     def text_encoders(self) -> list[nn.Module]:
         """The text encoders: one, or two for SDXL."""

@@ -14,6 +14,9 @@ The family is read from the UNet configuration, not from a list of known models:
 conditioning (``addition_embed_type``) marks SDXL, the text width (``cross_attention_dim``) the
 other two. Models of other kinds (a transformer instead of a UNet, as in SD3 and FLUX, or a UNet
 with extra input channels for inpainting) are refused with one sentence.
+
+One setting of the pipeline itself, in ``model_index.json``, also shapes SDXL's conditioning:
+``force_zeros_for_empty_prompt`` (see :func:`force_zeros_for_empty_prompt`).
 """
 
 from __future__ import annotations
@@ -62,14 +65,30 @@ def check_unet_config(unet_config: Mapping[str, Any], source: str) -> str:
     return family_of_config(unet_config)
 
 
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """The pipeline configuration in ``folder/model_index.json``; empty if there is none."""
+    index_file = folder / "model_index.json"
+    return json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+
+
+def force_zeros_for_empty_prompt(model_index: Mapping[str, Any]) -> bool:
+    """Whether an SDXL pipeline conditions on zeros, not on the encoding of "", when it is
+    given no negative prompt.
+
+    SDXL was trained that way: diffusers' SDXL pipelines read this flag from
+    ``model_index.json`` and take it as true where it is missing, and SDXL base and SDXL-Turbo
+    publish it true.
+    """
+    return bool(model_index.get("force_zeros_for_empty_prompt", True))
+
+
 def check_model_index(folder: Path, source: str) -> None:
     """Refuse a diffusers folder whose pipeline is not a UNet latent diffusion model.
 
     SD3, FLUX and their kin keep a ``transformer`` where Stable Diffusion keeps its ``unet``;
     they are named in one sentence instead of failing somewhere inside loading.
     """
-    index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+    index = read_model_index(folder)
     if "transformer" in index or (
         (folder / "transformer").is_dir() and not (folder / "unet").is_dir()
     ):

@@ -40,7 +40,12 @@ from bridge.models.components import (
     Components,
     family_of,
 )
-from bridge.models.family import check_model_index, check_unet_config
+from bridge.models.family import (
+    check_model_index,
+    check_unet_config,
+    force_zeros_for_empty_prompt,
+    read_model_index,
+)
 from bridge.models.hub import (
     AUTOENCODER_FILES,
     CONFIG_FILES,
@@ -182,6 +187,7 @@ def _load_folder(folder: Path, model: str, dtype: torch.dtype) -> Components:
             "tokenizer_2": CLIPTokenizer.from_pretrained(
                 folder, subfolder="tokenizer_2", local_files_only=True
             ),
+            "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt(read_model_index(folder)),
         }
     unet = UNet2DConditionModel.from_pretrained(
         folder, subfolder="unet", torch_dtype=dtype, local_files_only=True
@@ -265,7 +271,12 @@ def _load_single_file(
         pipeline = StableDiffusionXLPipeline.from_single_file(
             str(path), config=str(config_folder), local_files_only=True, torch_dtype=dtype
         )
-        second = {"text_encoder_2": pipeline.text_encoder_2, "tokenizer_2": pipeline.tokenizer_2}
+        second = {
+            "text_encoder_2": pipeline.text_encoder_2,
+            "tokenizer_2": pipeline.tokenizer_2,
+            # From the configuration folder's model_index.json, as diffusers read it.
+            "force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt,
+        }
     else:
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path),

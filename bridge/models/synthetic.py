@@ -490,6 +490,8 @@ def model_index(spec: SyntheticSpec) -> dict[str, Any]:
             **parts,
             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
             "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            # As in the model_index.json of stabilityai/sdxl-turbo and
+            # stabilityai/stable-diffusion-xl-base-1.0: an empty negative prompt is zeros.
             "force_zeros_for_empty_prompt": True,
         }
     return {

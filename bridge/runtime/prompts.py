@@ -30,10 +30,11 @@ class PromptWorker(threading.Thread):
     """Runs the text encoder on its own thread (and CUDA stream) so frames never wait for it.
 
     Only the newest request matters: a prompt sent while another is being encoded replaces any
-    request still waiting.
+    request still waiting. `encode(prompt, negative=...)` encodes as
+    `StreamDiffusion.encode_prompt` does, a negative prompt with `negative=True`.
     """
 
-    def __init__(self, encode: Callable[[str], torch.Tensor], device: torch.device) -> None:
+    def __init__(self, encode: Callable[..., torch.Tensor], device: torch.device) -> None:
         super().__init__(name="prompt encoder", daemon=True)
         self._encode = encode
         self._device = device
@@ -77,11 +78,16 @@ class PromptWorker(threading.Thread):
         with torch.inference_mode():
             if self._cuda_stream is None:
                 return EncodedPrompt(
-                    prompt, negative, self._encode(prompt), self._encode(negative), fade, None
+                    prompt,
+                    negative,
+                    self._encode(prompt),
+                    self._encode(negative, negative=True),
+                    fade,
+                    None,
                 )
             with torch.cuda.stream(self._cuda_stream):
                 cond = self._encode(prompt).clone()
-                uncond = self._encode(negative).clone()
+                uncond = self._encode(negative, negative=True).clone()
                 ready = torch.cuda.Event()
                 ready.record(self._cuda_stream)
             return EncodedPrompt(prompt, negative, cond, uncond, fade, ready)

@@ -14,6 +14,12 @@ tensor is (1, 77 + 1, 2048): the 77 token rows, and one more row holding the poo
 its first 1280 columns, zeros after them. A blend of two such tensors is the blend of their tokens
 and of their pooled embeddings, as a cross-fade wants. The size ids follow the stream's width and
 height, not the prompt, so they live apart, in a tensor overwritten in place when the size changes.
+
+SDXL pipelines carry one more setting, ``force_zeros_for_empty_prompt`` (true for SDXL base and
+SDXL-Turbo): given no negative prompt, the negative conditioning is zeros, tokens and pooled
+embedding alike, rather than the encoding of "". diffusers applies it to the negative prompt
+only; an empty prompt is encoded as it is. Here a negative prompt is never absent, only empty,
+so the empty negative prompt is the one that becomes zeros.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ def pack(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
 
 
 class DualPromptEncoder(PromptEncoder):
-    """SDXL's prompt encoding: two tokenizers and text encoders, packed with the pooled output."""
+    """SDXL's prompt encoding: two tokenizers and text encoders, packed with the pooled output.
+
+    With ``force_zeros_for_empty_prompt`` the empty negative prompt is all zeros.
+    """
 
     def __init__(
         self,
@@ -51,9 +60,18 @@ class DualPromptEncoder(PromptEncoder):
         text_encoders: Sequence[torch.nn.Module],
         *,
         cache_size: int = 32,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__(tokenizers[0], text_encoders[0], cache_size=cache_size)
         self.pairs = list(zip(tokenizers, text_encoders, strict=True))
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    def negative(self, prompt: str) -> torch.Tensor:
+        """The embedding of `prompt` as a negative prompt: zeros for "" if the model says so."""
+        embedding = self(prompt)
+        if prompt == "" and self.force_zeros_for_empty_prompt:
+            return torch.zeros_like(embedding)
+        return embedding
 
     def token_ids(self, prompt: str) -> list[torch.Tensor]:
         """The prompt's (1, length) token ids on the host from each tokenizer."""
@@ -98,7 +116,11 @@ class AddedConditioning:
 def prompt_conditioning(
     components: Any, device: torch.device, dtype: torch.dtype, *, cache_size: int = 32
 ) -> tuple[PromptEncoder, AddedConditioning | None]:
-    """The prompt encoder of a model, and its added conditioning (None for SD 1.x and 2.x)."""
+    """The prompt encoder of a model, and its added conditioning (None for SD 1.x and 2.x).
+
+    An SDXL model's ``force_zeros_for_empty_prompt`` (False where ``components`` has none; the
+    loader reads it as diffusers does) decides what the empty negative prompt encodes to.
+    """
     config = components.unet.config
     if config.get("addition_embed_type") != "text_time":
         encoder = PromptEncoder(
@@ -124,6 +146,7 @@ def prompt_conditioning(
         (components.tokenizer, tokenizer_2),
         (components.text_encoder, text_encoder_2),
         cache_size=cache_size,
+        force_zeros_for_empty_prompt=getattr(components, "force_zeros_for_empty_prompt", False),
     )
     added = AddedConditioning(components.tokenizer.model_max_length, pooled_width, device, dtype)
     return encoder, added

@@ -163,7 +163,7 @@ class StreamDiffusion:
         # State the frame step reads is kept in tensors that live changes overwrite in place,
         # so a CUDA graph captured over the step sees every change without re-capture.
         self._cond = self._embed(prompt).clone()
-        self._uncond = self._embed(negative_prompt).clone()
+        self._uncond = self._embed(negative_prompt, negative=True).clone()
         self._guidance_minus_one = torch.tensor(
             effective_guidance(self.config.guidance_scale) - 1.0, device=self.device
         )
@@ -194,12 +194,13 @@ class StreamDiffusion:
         self._cond.copy_(self._embed(prompt))
         self.prompt = prompt
         if negative_prompt is not None:
-            self._uncond.copy_(self._embed(negative_prompt))
+            self._uncond.copy_(self._embed(negative_prompt, negative=True))
             self.negative_prompt = negative_prompt
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """The cached (1, tokens, width) embedding of a prompt, in the pipeline's dtype."""
-        return self._embed(prompt)
+    def encode_prompt(self, prompt: str, *, negative: bool = False) -> torch.Tensor:
+        """The cached (1, tokens, width) embedding of a prompt, in the pipeline's dtype; with
+        `negative`, of a negative prompt (zeros for "" where the model asks, conditioning.py)."""
+        return self._embed(prompt, negative=negative)
 
     def set_embeddings(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
         """Use ready embeddings, e.g. a blend of two prompts during a cross-fade."""
@@ -590,8 +591,9 @@ class StreamDiffusion:
         scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
         return self.vae.decode(scaled, return_dict=False)[0]
 
-    def _embed(self, prompt: str) -> torch.Tensor:
-        return self.prompts(prompt).to(self.device, self.dtype)
+    def _embed(self, prompt: str, *, negative: bool = False) -> torch.Tensor:
+        encode = self.prompts.negative if negative else self.prompts
+        return encode(prompt).to(self.device, self.dtype)
 
     def _check_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         if embedding.shape != self._cond.shape:

@@ -53,6 +53,10 @@ class PromptEncoder:
             cache.popitem(last=False)
         return embedding
 
+    def negative(self, prompt: str) -> torch.Tensor:
+        """The embedding of `prompt` as a negative prompt: the same as any prompt's here."""
+        return self(prompt)
+
     def forget(self) -> None:
         """Drop every cached embedding: the text encoder's weights changed (a LoRA scale)."""
         self._cache = OrderedDict()

@@ -13,7 +13,7 @@
    100.0,
    100.0,
    820.0,
-   660.0
+   700.0
   ],
   "default_fontsize": 12.0,
   "default_fontname": "Arial",
@@ -21,7 +21,7 @@
    {
     "box": {
      "maxclass": "comment",
-     "text": "StreamDiffusion bridge from Max: prompt, delta and fades over OSC. In Ableton Live, paste it into a Max MIDI Effect (docs/music.md).",
+     "text": "StreamDiffusion bridge from Max: prompt, delta, fades and LoRA scales over OSC. In Ableton Live, paste it into a Max MIDI Effect (docs/music.md).",
      "numinlets": 1,
      "numoutlets": 0,
      "patching_rect": [
@@ -601,6 +601,99 @@
      ],
      "id": "obj-30"
     }
+   },
+   {
+    "box": {
+     "maxclass": "comment",
+     "text": "6 - LoRA scales (-2 to 2) of the first two LoRA files the bridge loaded live (sd-bridge run --lora): 0 turns one off",
+     "numinlets": 1,
+     "numoutlets": 0,
+     "patching_rect": [
+      460,
+      530,
+      320.0,
+      40.0
+     ],
+     "id": "obj-31"
+    }
+   },
+   {
+    "box": {
+     "maxclass": "flonum",
+     "numinlets": 1,
+     "numoutlets": 2,
+     "outlettype": [
+      "",
+      "bang"
+     ],
+     "parameter_enable": 0,
+     "minimum": -2.0,
+     "maximum": 2.0,
+     "patching_rect": [
+      460,
+      575,
+      60.0,
+      22.0
+     ],
+     "id": "obj-32"
+    }
+   },
+   {
+    "box": {
+     "maxclass": "newobj",
+     "text": "prepend /sd/lora/0/scale",
+     "numinlets": 2,
+     "numoutlets": 1,
+     "outlettype": [
+      ""
+     ],
+     "patching_rect": [
+      460,
+      610,
+      176.0,
+      22.0
+     ],
+     "id": "obj-33"
+    }
+   },
+   {
+    "box": {
+     "maxclass": "flonum",
+     "numinlets": 1,
+     "numoutlets": 2,
+     "outlettype": [
+      "",
+      "bang"
+     ],
+     "parameter_enable": 0,
+     "minimum": -2.0,
+     "maximum": 2.0,
+     "patching_rect": [
+      660,
+      575,
+      60.0,
+      22.0
+     ],
+     "id": "obj-34"
+    }
+   },
+   {
+    "box": {
+     "maxclass": "newobj",
+     "text": "prepend /sd/lora/1/scale",
+     "numinlets": 2,
+     "numoutlets": 1,
+     "outlettype": [
+      ""
+     ],
+     "patching_rect": [
+      660,
+      610,
+      176.0,
+      22.0
+     ],
+     "id": "obj-35"
+    }
    }
   ],
   "lines": [
@@ -884,6 +977,54 @@
     "patchline": {
      "source": [
       "obj-30",
+      0
+     ],
+     "destination": [
+      "obj-5",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "obj-32",
+      0
+     ],
+     "destination": [
+      "obj-33",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "obj-33",
+      0
+     ],
+     "destination": [
+      "obj-5",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "obj-34",
+      0
+     ],
+     "destination": [
+      "obj-35",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "obj-35",
       0
      ],
      "destination": [

@@ -76,6 +76,38 @@ def test_an_sdxl_folder_loads_both_text_encoders_and_tokenizers(tiny_xl, tiny_xl
     assert tiny_xl.unet.config.addition_embed_type == "text_time"
 
 
+def _set_zeros_flag(folder, value: bool | None) -> None:
+    """Write force_zeros_for_empty_prompt into a folder's model_index.json (None: leave it out)."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index.pop("force_zeros_for_empty_prompt")
+    if value is not None:
+        index["force_zeros_for_empty_prompt"] = value
+    index_file.write_text(json.dumps(index))
+
+
+def test_a_saved_sdxl_folder_says_an_empty_negative_prompt_is_zeros(tiny_xl, tiny_xl_folder):
+    index = json.loads((tiny_xl_folder / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is True
+    assert tiny_xl.force_zeros_for_empty_prompt is True
+
+
+def test_an_sd_folder_has_no_zeros_for_an_empty_negative_prompt(tiny_folder):
+    assert load_components(tiny_folder).force_zeros_for_empty_prompt is False
+
+
+@pytest.mark.parametrize(("written", "expected"), [(False, False), (None, True)])
+def test_an_sdxl_folder_reads_force_zeros_for_empty_prompt_as_diffusers_does(
+    tiny_xl_folder, tmp_path, written, expected
+):
+    copy = shutil.copytree(tiny_xl_folder, tmp_path / "xl")
+    _set_zeros_flag(copy, written)
+    assert load_components(copy).force_zeros_for_empty_prompt is expected
+    # diffusers' own reading of the same folder, a missing flag included.
+    pipeline = StableDiffusionXLPipeline.from_pretrained(copy, local_files_only=True)
+    assert pipeline.config.force_zeros_for_empty_prompt is expected
+
+
 def test_both_text_encoders_follow_device_dtype_and_freezing():
     half = load_components("synthetic:tiny-xl", dtype=torch.bfloat16)
     for module in (half.unet, half.vae, half.text_encoder, half.text_encoder_2):
@@ -125,6 +157,16 @@ def test_an_sdxl_checkpoint_with_a_config_folder_matches_the_folder_model(
     for expected, actual in zip(_run(tiny_xl), _run(single), strict=True):
         assert torch.allclose(expected, actual, rtol=0, atol=1e-5)
     assert single.vae.config.scaling_factor == tiny_xl.vae.config.scaling_factor
+    assert single.force_zeros_for_empty_prompt is True
+
+
+def test_an_sdxl_checkpoint_takes_force_zeros_for_empty_prompt_from_its_config(
+    tiny_xl_checkpoint, tiny_xl_folder, tmp_path
+):
+    config = shutil.copytree(tiny_xl_folder, tmp_path / "config")
+    _set_zeros_flag(config, False)
+    single = load_components(str(tiny_xl_checkpoint), config=str(config))
+    assert single.force_zeros_for_empty_prompt is False
 
 
 def test_an_sdxl_checkpoint_takes_its_config_from_the_hub_cache(
@@ -135,6 +177,7 @@ def test_an_sdxl_checkpoint_takes_its_config_from_the_hub_cache(
     assert single.family == "sdxl"
     assert single.unet.config.cross_attention_dim == 80
     assert CONFIG_REPOS["sdxl"].replace("/", "--") in single.source
+    assert single.force_zeros_for_empty_prompt is True
 
 
 def test_an_sdxl_checkpoint_without_a_cached_config_says_how_to_fetch_it(

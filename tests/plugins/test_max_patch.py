@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from bridge.control.params import PARAMS_BY_ADDRESS
+from bridge.control import ParamStore
+from bridge.control.params import LORA_SCALES
 from tests.plugins.helpers import MUSIC
 
 PATCH = MUSIC / "sd-bridge.maxpat"
@@ -83,12 +84,31 @@ def test_every_address_sent_is_one_the_bridge_takes(boxes: dict[str, dict[str, A
     ]
     assert sorted(addresses) == [
         "/sd/delta",
+        "/sd/lora/0/scale",
+        "/sd/lora/1/scale",
         "/sd/prompt",
         "/sd/prompt/fade",
         "/sd/seed",
         "/sd/seed/fade",
     ]
-    assert all(address in PARAMS_BY_ADDRESS for address in addresses)
+    # A bridge that loaded two LoRA files live takes every one of them.
+    store = ParamStore(families={LORA_SCALES: [1.0, 1.0]})
+    assert all(store.param_at(address) is not None for address in addresses)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_lora_number_box_spans_the_bridges_range_and_feeds_its_scale(
+    boxes: dict[str, dict[str, Any]], cords: list[tuple[str, int, str, int]], index: int
+) -> None:
+    prepend = next(
+        box["id"] for box in boxes.values() if box.get("text") == f"prepend /sd/lora/{index}/scale"
+    )
+    (number,) = [source for source, _, destination, _ in cords if destination == prepend]
+    assert boxes[number]["maxclass"] == "flonum"
+    assert (boxes[number]["minimum"], boxes[number]["maximum"]) == (
+        LORA_SCALES.minimum,
+        LORA_SCALES.maximum,
+    )
 
 
 def test_every_object_feeds_udpsend_on_the_bridge_port(

@@ -19,6 +19,7 @@ import pytest
 from pythonosc.osc_packet import OscPacket
 
 from bridge.control import OscClient, OscServer, ParamStore
+from bridge.control.params import LORA_SCALES
 from tests.control.helpers import wait_until
 from tests.plugins.helpers import MUSIC, free_udp_port, require_program
 
@@ -122,6 +123,43 @@ def test_a_new_random_seed_is_a_whole_number_the_bridge_accepts(
     assert wait_until(lambda: store.get("seed") != 2)
     assert 0 <= store.get("seed") < 1_000_000
     assert server.stats.errors == 0
+
+
+@pytest.fixture
+def lora_server() -> Iterator[tuple[OscServer, ParamStore]]:
+    """The bridge's OSC server for a bridge that loaded two LoRA files live, both at 1."""
+    store = ParamStore(families={LORA_SCALES: [1.0, 1.0]})
+    with OscServer(store, port=0) as running:
+        yield running, store
+
+
+def test_the_lora_scales_reach_the_bridge_server(
+    pd: str, lora_server: tuple[OscServer, ParamStore]
+) -> None:
+    server, store = lora_server
+    done = run_patch(pd, server.address[1], "sd-lora-0 -1.5", "sd-lora-1 0.25")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: store.get("lora_1_scale") == 0.25)
+    assert store.get("lora_0_scale") == -1.5
+    assert server.stats.errors == 0
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_lora_slider_spans_the_bridges_range_and_sends_its_scale(
+    pd: str, listener: tuple[socket.socket, int], index: int
+) -> None:
+    slider = next(
+        line.split()
+        for line in PATCH.read_text().splitlines()
+        if line.startswith("#X obj") and " hsl " in line and f" sd-lora-{index} " in line
+    )
+    # "#X obj x y hsl width height bottom top log init send receive ..."
+    assert (float(slider[7]), float(slider[8])) == (LORA_SCALES.minimum, LORA_SCALES.maximum)
+    sock, port = listener
+    # The slider's receive name moves it, and it sends what it shows.
+    done = run_patch(pd, port, f"{slider[12]} 0.75")
+    assert done.returncode == 0, done.stderr
+    assert received(sock) == [(f"/sd/lora/{index}/scale", [0.75])]
 
 
 @pytest.mark.slow

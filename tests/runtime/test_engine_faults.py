@@ -217,14 +217,17 @@ def test_black_is_sent_while_the_input_is_gone_when_asked(tiny):
 
 
 @pytest.mark.slow
-def test_an_input_flapping_a_hundred_times_never_stops_the_engine(tiny):
+def test_an_input_flapping_twenty_times_never_stops_the_engine(tiny):
+    # Every flap takes the same path (lost, held, back); a leak or a miscount per flap shows
+    # after the first few, so twenty catch it as well as more would.
+    flaps = 20
     source, sink, hooks = SwitchableSource(), RecordingSink(), Hooks()
     engine = engine_with(tiny, source, [sink], hooks=hooks.engine_hooks(), input_loss_after=0.03)
     stop, thread = running(engine)
     try:
         wait_for(lambda: engine.metrics.frames > 2)
         threads_before = threading.active_count()
-        for _ in range(100):
+        for _ in range(flaps):
             produced = engine.metrics.frames
             wait_for(lambda p=produced: engine.metrics.frames > p, timeout=5)
             source.on.clear()
@@ -235,8 +238,8 @@ def test_an_input_flapping_a_hundred_times_never_stops_the_engine(tiny):
     finally:
         stop.set()
         thread.join(5)
-    assert hooks.states.count("lost") == 100
-    assert hooks.states.count("ok") >= 99
+    assert hooks.states.count("lost") == flaps
+    assert hooks.states.count("ok") >= flaps - 1
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,18 @@ encoders, ``text_time`` added conditioning), loaded through the real loader.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from bridge.models import load_components
+from bridge.runtime.prompts import PromptWorker
 from bridge.stream import StreamConfig, StreamDiffusion
+from tests.control.helpers import wait_until
 from tests.stream.helpers import SIZE, latents
 
 STEP_LISTS = {1: (45,), 2: (32, 45), 4: (0, 16, 32, 45)}
@@ -86,6 +90,15 @@ def _tokens(components, prompt: str) -> torch.Tensor:
         with torch.no_grad():
             hidden.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
     return torch.cat(hidden, dim=-1)
+
+
+def _tokens_and_pooled(components, prompt: str) -> torch.Tensor:
+    """The packed (1, 77 + 1, width) tensor the pipeline keeps for `prompt`: tokens, then a row
+    holding the pooled embedding, zeros after it."""
+    tokens, pooled = _tokens(components, prompt), _pooled(components, prompt)
+    row = torch.zeros((1, 1, tokens.shape[-1]))
+    row[0, 0, : pooled.shape[-1]] = pooled
+    return torch.cat([tokens, row], dim=1)
 
 
 def _picture(seed: int) -> np.ndarray:
@@ -226,3 +239,90 @@ def test_an_sdxl_unet_without_a_second_text_encoder_is_refused(tiny_xl):
     halved = types.SimpleNamespace(**{**vars(tiny_xl), "text_encoder_2": None})
     with pytest.raises(ValueError, match="second tokenizer and text encoder"):
         StreamDiffusion(halved, StreamConfig(width=SIZE, height=SIZE))
+
+
+def _with_zeros_flag(components, force_zeros: bool):
+    """The same networks with the pipeline's force_zeros_for_empty_prompt set to `force_zeros`."""
+    return dataclasses.replace(components, force_zeros_for_empty_prompt=force_zeros)
+
+
+def _diffusers_conditioning(components, prompt: str) -> tuple[torch.Tensor, ...]:
+    """diffusers' own SDXL encoding of `prompt` with no negative prompt, over the same networks:
+    (tokens, negative tokens, pooled, negative pooled)."""
+    pipeline = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=components.unet,
+        scheduler=components.scheduler,
+        force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    with torch.no_grad():
+        return pipeline.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
+
+
+@pytest.mark.parametrize("prompt", ["a red fox in the snow", ""])
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_an_empty_negative_prompt_conditions_the_unet_as_diffusers_does(
+    tiny_xl, spy, force_zeros, prompt
+):
+    components = _with_zeros_flag(tiny_xl, force_zeros)
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=STEP_LISTS[1], cfg_type="full")
+    stream = StreamDiffusion(components, config, prompt=prompt, negative_prompt="")
+    stream.denoise(latents(1))
+    negative, positive = spy.calls[-1]["context"].chunk(2)
+    negative_pooled, pooled = spy.calls[-1]["text_embeds"].chunk(2)
+    expected = _diffusers_conditioning(components, prompt)
+    torch.testing.assert_close(positive, expected[0])
+    torch.testing.assert_close(negative, expected[1])
+    torch.testing.assert_close(pooled, expected[2])
+    torch.testing.assert_close(negative_pooled, expected[3])
+    # With the flag the negative side is zeros, tokens and pooled; without it, the encoding of
+    # "". The prompt is encoded as it is either way, "" included.
+    assert (negative.count_nonzero() == 0) == force_zeros
+    assert (negative_pooled.count_nonzero() == 0) == force_zeros
+    if not force_zeros:
+        torch.testing.assert_close(negative, _tokens(tiny_xl, ""))
+        torch.testing.assert_close(negative_pooled, _pooled(tiny_xl, ""))
+    torch.testing.assert_close(positive, _tokens(tiny_xl, prompt))
+    torch.testing.assert_close(pooled, _pooled(tiny_xl, prompt))
+
+
+def test_a_live_negative_prompt_change_to_empty_gives_zeros_and_back(tiny_xl, spy):
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=STEP_LISTS[1], cfg_type="full")
+    stream = StreamDiffusion(tiny_xl, config, prompt="a forest", negative_prompt="fog")
+    assert tiny_xl.force_zeros_for_empty_prompt
+    stream.set_prompt("a forest", negative_prompt="")
+    stream.denoise(latents(1))
+    assert spy.calls[-1]["context"].chunk(2)[0].count_nonzero() == 0
+    stream.set_prompt("a forest", negative_prompt="fog")
+    stream.denoise(latents(1))
+    torch.testing.assert_close(spy.calls[-1]["context"].chunk(2)[0], _tokens(tiny_xl, "fog"))
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_the_prompt_worker_encodes_the_empty_negative_prompt_as_the_pipeline_does(
+    tiny_xl, force_zeros
+):
+    # The engine encodes live prompt changes on this worker, off the frame path.
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=STEP_LISTS[1], cfg_type="full")
+    stream = StreamDiffusion(_with_zeros_flag(tiny_xl, force_zeros), config, negative_prompt="x")
+    worker = PromptWorker(stream.encode_prompt, stream.device)
+    worker.start()
+    try:
+        worker.request("", "", 0.0)
+        encoded = []
+        assert wait_until(
+            lambda: encoded.append(worker.take()) or encoded[-1] is not None, timeout=30
+        )
+    finally:
+        worker.stop()
+    uncond, cond = encoded[-1].uncond, encoded[-1].cond
+    torch.testing.assert_close(cond, _tokens_and_pooled(tiny_xl, ""))
+    if force_zeros:
+        assert uncond.count_nonzero() == 0
+    else:
+        torch.testing.assert_close(uncond, cond)
