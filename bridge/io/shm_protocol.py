@@ -451,18 +451,26 @@ class ShmReader:
         self._frames_key: tuple[int, int] | None = None
         self._last_attach_try = -math.inf
         self._last_seen: tuple[int, int, int] | None = None
+        # A status display asks `connected` from another thread while the reading thread may
+        # re-attach or detach: one lock keeps a segment from closing under the other.
+        self._lock = threading.Lock()
 
     @property
     def connected(self) -> bool:
         """Whether a live writer is attached: not closed, heartbeat fresh."""
-        index = self._attach_if_due()
-        return index is not None and self._writer_alive(index)
+        with self._lock:
+            index = self._attach_if_due()
+            return index is not None and self._writer_alive(index)
 
     def read(self) -> tuple[np.ndarray, FrameMeta] | None:
         """A copy of the newest frame and its metadata, or None if there is no frame not yet read.
 
         Raises ShmProtocolError when the segment breaks the protocol.
         """
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> tuple[np.ndarray, FrameMeta] | None:
         index = self._attach_if_due()
         if index is None:
             return None
@@ -500,7 +508,8 @@ class ShmReader:
 
     def close(self) -> None:
         """Detach from the segments; the writer's segments stay. Safe to call twice."""
-        self._detach()
+        with self._lock:
+            self._detach()
 
     def __enter__(self) -> "ShmReader":
         return self

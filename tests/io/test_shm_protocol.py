@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+import threading
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -226,3 +227,35 @@ def test_segment_left_half_created_is_taken_over(shm_name):
         writer.write(np.full((4, 4, 3), 5, np.uint8))
         pixels, _ = wait_for(reader.read)
     assert np.all(pixels == 5)
+
+
+def test_connected_from_another_thread_waits_while_the_reader_detaches(shm_name, peer):
+    """A status line asks `connected` on the engine thread while the source thread may close the
+    segment: the question waits for the close instead of reading a buffer being released."""
+    with ShmWriter(shm_name, 32, 16, "rgba") as writer:
+        writer.write(peer.make_frame(1, 16, 32))
+        reader = ShmReader(shm_name)
+        wait_for(reader.read)
+        closing, release = threading.Event(), threading.Event()
+        close_frames = reader._close_frames
+
+        def slow_close_frames() -> None:
+            closing.set()
+            release.wait(30)
+            close_frames()
+
+        reader._close_frames = slow_close_frames
+        answers: list[bool] = []
+        closer = threading.Thread(target=reader.close)
+        closer.start()
+        assert closing.wait(30)
+        asker = threading.Thread(target=lambda: answers.append(reader.connected))
+        asker.start()
+        asker.join(0.3)
+        assert answers == []  # still waiting for the close to finish
+        release.set()
+        closer.join(30)
+        asker.join(30)
+        assert len(answers) == 1
+        reader._close_frames = close_frames
+        reader.close()
