@@ -8,7 +8,6 @@ is skipped, so a source that repeats a still picture costs nothing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 
 from bridge.io import Frame
+
+from .prompts import NewestRequestWorker
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class EncodedImage:
             self.tokens.record_stream(torch.cuda.current_stream())
 
 
-class ImageEncoderWorker(threading.Thread):
+class ImageEncoderWorker(NewestRequestWorker[Frame, EncodedImage]):
     """Turns the newest requested picture into image tokens, on its own thread and CUDA stream.
 
     `encode` takes uint8 RGB (H, W, 3) pixels; `role` names the picture in what is said. A
@@ -52,63 +53,37 @@ class ImageEncoderWorker(threading.Thread):
         role: str,
         say: Callable[[str], None],
     ) -> None:
-        super().__init__(name=f"{role} encoder", daemon=True)
+        super().__init__(f"{role} encoder", device)
         self._encode = encode
         self._role = role
         self._say = say
-        self._cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._condition = threading.Condition()
-        self._request: Frame | None = None
-        self._result: EncodedImage | None = None
         self._last: np.ndarray | None = None
-        self._stopped = False
-        self.encoded = 0
         self.skipped = 0
         self.failures = 0
 
+    @property
+    def encoded(self) -> int:
+        """Pictures encoded so far."""
+        return self.results
+
     def request(self, frame: Frame) -> None:
         """Ask for a frame's picture to be encoded; replaces a request not yet started."""
-        with self._condition:
-            self._request = frame
-            self._condition.notify()
+        self._ask(frame)
 
-    def take(self) -> EncodedImage | None:
-        """The newest finished encoding, once."""
-        with self._condition:
-            result, self._result = self._result, None
-            return result
-
-    def stop(self) -> None:
-        """End the thread after the encoding in progress."""
-        with self._condition:
-            self._stopped = True
-            self._condition.notify()
-
-    def run(self) -> None:
-        while True:
-            with self._condition:
-                while self._request is None and not self._stopped:
-                    self._condition.wait()
-                if self._stopped:
-                    return
-                frame, self._request = self._request, None
-            pixels = frame.to("rgb").pixels
-            if self._last is not None and np.array_equal(pixels, self._last):
-                self.skipped += 1
-                continue
-            try:
-                result = self._run_encoding(pixels)
-            except Exception as error:  # a picture that fails must not end the set
-                self.failures += 1
-                if self.failures == 1 or self.failures % 50 == 0:
-                    self._say(
-                        f"the {self._role} could not be encoded ({error}); keeping the last one."
-                    )
-                continue
-            self._last = pixels.copy()  # a source may reuse its frame's memory
-            with self._condition:
-                self._result = result
-                self.encoded += 1
+    def _work(self, frame: Frame) -> EncodedImage | None:
+        pixels = frame.to("rgb").pixels
+        if self._last is not None and np.array_equal(pixels, self._last):
+            self.skipped += 1
+            return None
+        try:
+            result = self._run_encoding(pixels)
+        except Exception as error:  # a picture that fails must not end the set
+            self.failures += 1
+            if self.failures == 1 or self.failures % 50 == 0:
+                self._say(f"the {self._role} could not be encoded ({error}); keeping the last one.")
+            return None
+        self._last = pixels.copy()  # a source may reuse its frame's memory
+        return result
 
     def _run_encoding(self, pixels: np.ndarray) -> EncodedImage:
         with torch.inference_mode():

@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
+
+RequestT = TypeVar("RequestT")
+ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True)
@@ -26,38 +30,36 @@ class EncodedPrompt:
             torch.cuda.current_stream().wait_event(self.ready)
 
 
-class PromptWorker(threading.Thread):
-    """Runs the text encoder on its own thread (and CUDA stream) so frames never wait for it.
+class NewestRequestWorker(threading.Thread, Generic[RequestT, ResultT]):
+    """A thread that works on the newest request only, on a CUDA stream of its own on CUDA.
 
-    Only the newest request matters: a prompt sent while another is being encoded replaces any
-    request still waiting. `encode(prompt, negative=...)` encodes as
-    `StreamDiffusion.encode_prompt` does, a negative prompt with `negative=True`.
+    A request made while another is worked on replaces any request still waiting; `take` hands
+    out the newest result once. Subclasses say what the work is in `_work`, which returns None
+    when there is nothing to hand out.
     """
 
-    def __init__(self, encode: Callable[..., torch.Tensor], device: torch.device) -> None:
-        super().__init__(name="prompt encoder", daemon=True)
-        self._encode = encode
-        self._device = device
+    def __init__(self, name: str, device: torch.device) -> None:
+        super().__init__(name=name, daemon=True)
         self._cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._condition = threading.Condition()
-        self._request: tuple[str, str, float] | None = None
-        self._result: EncodedPrompt | None = None
+        self._request: RequestT | None = None
+        self._result: ResultT | None = None
         self._stopped = False
+        self.results = 0
 
-    def request(self, prompt: str, negative_prompt: str, fade_seconds: float) -> None:
-        """Ask for a prompt pair to be encoded; replaces a request not yet started."""
+    def _ask(self, request: RequestT) -> None:
         with self._condition:
-            self._request = (prompt, negative_prompt, fade_seconds)
+            self._request = request
             self._condition.notify()
 
-    def take(self) -> EncodedPrompt | None:
-        """The newest finished encoding, once."""
+    def take(self) -> ResultT | None:
+        """The newest finished result, once."""
         with self._condition:
             result, self._result = self._result, None
             return result
 
     def stop(self) -> None:
-        """End the thread after the encoding in progress."""
+        """End the thread after the work in progress."""
         with self._condition:
             self._stopped = True
             self._condition.notify()
@@ -70,9 +72,34 @@ class PromptWorker(threading.Thread):
                 if self._stopped:
                     return
                 request, self._request = self._request, None
-            result = self._run_encoding(*request)
-            with self._condition:
-                self._result = result
+            result = self._work(request)
+            if result is not None:
+                with self._condition:
+                    self._result = result
+                    self.results += 1
+
+    def _work(self, request: RequestT) -> ResultT | None:
+        raise NotImplementedError
+
+
+class PromptWorker(NewestRequestWorker[tuple[str, str, float], EncodedPrompt]):
+    """Runs the text encoder on its own thread (and CUDA stream) so frames never wait for it.
+
+    Only the newest request matters: a prompt sent while another is being encoded replaces any
+    request still waiting. `encode(prompt, negative=...)` encodes as
+    `StreamDiffusion.encode_prompt` does, a negative prompt with `negative=True`.
+    """
+
+    def __init__(self, encode: Callable[..., torch.Tensor], device: torch.device) -> None:
+        super().__init__("prompt encoder", device)
+        self._encode = encode
+
+    def request(self, prompt: str, negative_prompt: str, fade_seconds: float) -> None:
+        """Ask for a prompt pair to be encoded; replaces a request not yet started."""
+        self._ask((prompt, negative_prompt, fade_seconds))
+
+    def _work(self, request: tuple[str, str, float]) -> EncodedPrompt:
+        return self._run_encoding(*request)
 
     def _run_encoding(self, prompt: str, negative: str, fade: float) -> EncodedPrompt:
         with torch.inference_mode():
