@@ -17,12 +17,13 @@ import torch
 
 from bridge.accel import accelerate
 from bridge.control import ParamStore
-from bridge.io import Frame, Sink, Source, now
+from bridge.io import Frame, now
 from bridge.runtime.delivery import Delivery
 from bridge.runtime.engine import Engine
 from bridge.runtime.transfer import HostTransfer, PendingFrames
 from bridge.stream import StreamConfig, StreamDiffusion
 from tests.accel.helpers import SIZE, frames, load_tiny
+from tests.runtime.helpers import LocalSource, RecordingSink
 
 pytestmark = pytest.mark.gpu
 
@@ -74,27 +75,16 @@ def test_a_step_is_delivered_while_the_gpu_works_without_a_next_launch_or_a_busy
     assert wall > 0.05 and cpu < 0.5 * wall
 
 
-class Pictures(Source):
+class Pictures(LocalSource):
     """Cycles through a few distinct pictures, as fast as asked; remembers which went when."""
+
+    label = "pictures"
 
     def __init__(self, pictures: list[np.ndarray]) -> None:
         super().__init__()
         self.pictures = pictures
         self.picture_at: dict[float, int] = {}
         self.count = 0
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "pictures"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         time.sleep(0.001)
@@ -105,30 +95,10 @@ class Pictures(Source):
         return Frame(self.pictures[which], "rgb", captured, self.count)
 
 
-class Recorder(Sink):
+class Recorder(RecordingSink):
     """A recording sink: every frame the engine makes."""
 
     keeps_every_frame = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list[Frame] = []
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "recorder"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
-
-    def _write(self, frame: Frame) -> None:
-        self.frames.append(frame)
 
 
 @pytest.mark.parametrize("accel", ["none", "cudagraph"])

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.io import Frame, Source, now
+from bridge.io import Frame, now
 from bridge.models.ip_adapter import load_ip_adapter
 from bridge.runtime.image_prompt import ImagePromptInput
 from bridge.runtime.side_input import SideInput
 from bridge.stream.ip_adapter import install
 from tests.accel.helpers import apart, build, frames, load_tiny, same
+from tests.runtime.helpers import LocalSource
 
 pytestmark = pytest.mark.gpu
 
@@ -85,25 +86,14 @@ def test_a_new_scale_and_a_new_picture_reach_the_replayed_frames_without_a_captu
     assert graphed.accelerator.captures == 1
 
 
-class PictureSource(Source):
+class PictureSource(LocalSource):
     """Delivers `pixels` (which a test may replace) every few milliseconds."""
+
+    label = "pictures"
 
     def __init__(self, pixels: np.ndarray) -> None:
         super().__init__()
         self.pixels = pixels
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "pictures"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         time.sleep(0.005)

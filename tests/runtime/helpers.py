@@ -4,9 +4,55 @@ from __future__ import annotations
 
 import socket
 
+from bridge.io import Frame, Sink, Source
+
 
 def free_port() -> int:
     """A UDP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class LocalSource(Source):
+    """A source inside the test process: always there, nothing to open. Subclasses say `_read`
+    and name themselves in `label`."""
+
+    label = "local"
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return self.label
+
+    def _open(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+
+class RecordingSink(Sink):
+    """Keeps every frame written to it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[Frame] = []
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "recorder"
+
+    def _open(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _write(self, frame: Frame) -> None:
+        self.frames.append(frame)

@@ -20,7 +20,8 @@ from bridge.runtime.engine import Engine, EngineHooks
 from bridge.runtime.transfer import MAX_IN_FLIGHT, HostTransfer, PendingFrames
 from bridge.runtime.workers import CountingSlot
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.test_engine import RecordingSink, StillSource, picture, wait_for
+from tests.runtime.helpers import LocalSource, RecordingSink
+from tests.runtime.test_engine import StillSource, picture, wait_for
 
 SIZE = 64
 
@@ -66,25 +67,14 @@ class Recorder(RecordingSink):
         self.arrived.set()
 
 
-class OneFrameSource(Source):
+class OneFrameSource(LocalSource):
     """Gives one frame, then none: an input that stops after its first frame."""
+
+    label = "one frame"
 
     def __init__(self) -> None:
         super().__init__()
         self.given = 0
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "one frame"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         if self.given:

@@ -10,63 +10,29 @@ import pytest
 import torch
 
 from bridge.control import OscClient, OscServer, ParamStore
-from bridge.io import Frame, Sink, Source, now
+from bridge.io import Frame, Sink, now
 from bridge.runtime.engine import Engine, EngineHooks
 from bridge.runtime.prompts import Fade, slerp
 from bridge.stream import StreamConfig, StreamDiffusion
+from tests.runtime.helpers import LocalSource, RecordingSink
 
 SIZE = 64
 
 
-class StillSource(Source):
+class StillSource(LocalSource):
     """Delivers the same picture as fast as asked, with a fresh capture time each time."""
+
+    label = "still"
 
     def __init__(self, pixels: np.ndarray) -> None:
         super().__init__()
         self.pixels = pixels
         self.count = 0
 
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "still"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
-
     def _read(self, timeout: float) -> Frame | None:
         time.sleep(0.002)
         self.count += 1
         return Frame(self.pixels, "rgb", now(), self.count)
-
-
-class RecordingSink(Sink):
-    """Keeps every frame written to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list[Frame] = []
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "recorder"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
-
-    def _write(self, frame: Frame) -> None:
-        self.frames.append(frame)
 
 
 def picture(seed: int = 0) -> np.ndarray:

@@ -13,7 +13,8 @@ from bridge.control import ParamStore
 from bridge.io import Frame, Sink, Source, now
 from bridge.runtime.engine import Engine, EngineHooks
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.test_engine import RecordingSink, picture, wait_for
+from tests.runtime.helpers import RecordingSink
+from tests.runtime.test_engine import picture, wait_for
 
 SIZE = 64
 

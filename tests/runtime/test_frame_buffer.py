@@ -13,7 +13,8 @@ from bridge.io import Frame, Source, now
 from bridge.io.pattern import PatternSource
 from bridge.runtime.engine import Engine, EngineHooks
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.test_engine import RecordingSink, wait_for
+from tests.runtime.helpers import LocalSource, RecordingSink
+from tests.runtime.test_engine import wait_for
 
 SIZE = 64
 
@@ -32,8 +33,10 @@ class CountingPattern(PatternSource):
         return frame
 
 
-class FedSource(Source):
+class FedSource(LocalSource):
     """Hands out exactly the frames a test puts in, when it puts them."""
+
+    label = "fed"
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,19 +47,6 @@ class FedSource(Source):
         pixels = np.full((SIZE, SIZE, 3), self.fed * 40 % 256, np.uint8)
         self.frames.put(Frame(pixels, "rgb", now(), self.fed))
         self.fed += 1
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "fed"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         try:

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bridge.control import OscClient, ParamStore
-from bridge.io import Frame, Sink, Source, now
+from bridge.io import Frame, Sink, now
 from bridge.io.shm_protocol import ShmReader
 from bridge.runtime.engine import Engine
 from bridge.runtime.image_prompt import ImagePromptInput, load_image_prompt
@@ -25,7 +25,7 @@ from bridge.runtime.launch import run_bridge
 from bridge.runtime.settings import RunSettings
 from bridge.runtime.side_input import SideInput
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.helpers import free_port
+from tests.runtime.helpers import LocalSource, RecordingSink, free_port
 
 SIZE = 64
 # One step and no guidance: a frame depends on its input and the adapter, not on earlier frames.
@@ -54,56 +54,27 @@ def picture_file(tmp_path):
     return path
 
 
-class Pictures(Source):
+class Pictures(LocalSource):
     """Delivers `pixels` every few milliseconds until `delivering` is cleared."""
+
+    label = "pictures"
 
     def __init__(self, pixels: np.ndarray) -> None:
         super().__init__()
         self.pixels = pixels
         self.delivering = True
 
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "pictures"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
-
     def _read(self, timeout: float) -> Frame | None:
         time.sleep(0.005)
         return Frame(self.pixels, "rgb", now(), 0) if self.delivering else None
 
 
-class Recorder(Sink):
-    """Keeps the last frame written to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: Frame | None = None
-        self.written = 0
+class Recorder(RecordingSink):
+    """Keeps every frame written to it; `last` is the newest."""
 
     @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "recorder"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
-
-    def _write(self, frame: Frame) -> None:
-        self.last = frame
-        self.written += 1
+    def last(self) -> Frame | None:
+        return self.frames[-1] if self.frames else None
 
 
 def settings(**values) -> RunSettings:
@@ -199,8 +170,8 @@ def test_the_picture_follows_its_source_and_stays_when_the_source_goes(picture_f
         encoded = image_prompt.pictures
         source.delivering = False
         wait_for(lambda: said == ["IP-Adapter image pictures is gone; keeping its last frame."])
-        written = sink.written
-        wait_for(lambda: sink.written >= written + 3)
+        written = len(sink.frames)
+        wait_for(lambda: len(sink.frames) >= written + 3)
         assert close_to(sink.last, expected[3])
         assert image_prompt.pictures == encoded
         assert len(said) == 1

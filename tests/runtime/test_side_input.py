@@ -8,12 +8,15 @@ import time
 
 import numpy as np
 
-from bridge.io import Frame, Source, now
+from bridge.io import Frame, now
 from bridge.runtime.side_input import SideInput
+from tests.runtime.helpers import LocalSource
 
 
-class Fed(Source):
+class Fed(LocalSource):
     """Hands out exactly the frames a test puts in."""
+
+    label = "fed:depth"
 
     def __init__(self) -> None:
         super().__init__()
@@ -23,19 +26,6 @@ class Fed(Source):
     def feed(self) -> None:
         self.frames.put(Frame(np.full((8, 8, 3), self.fed, np.uint8), "rgb", now(), self.fed))
         self.fed += 1
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "fed:depth"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         try:
