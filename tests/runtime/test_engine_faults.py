@@ -13,14 +13,16 @@ from bridge.control import ParamStore
 from bridge.io import Frame, Sink, Source, now
 from bridge.runtime.engine import Engine, EngineHooks
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.helpers import RecordingSink
+from tests.runtime.helpers import LocalSource, RecordingSink
 from tests.runtime.test_engine import picture, wait_for
 
 SIZE = 64
 
 
-class SwitchableSource(Source):
+class SwitchableSource(LocalSource):
     """A still picture that can be switched off and on, like a sender closing and reopening."""
+
+    label = "switchable"
 
     def __init__(self, period: float = 0.005) -> None:
         super().__init__()
@@ -32,15 +34,6 @@ class SwitchableSource(Source):
     @property
     def connected(self) -> bool:
         return self.on.is_set()
-
-    def describe(self) -> str:
-        return "switchable"
-
-    def _open(self) -> None:
-        pass
-
-    def _close(self) -> None:
-        pass
 
     def _read(self, timeout: float) -> Frame | None:
         if not self.on.wait(timeout):
