@@ -18,6 +18,8 @@ converted and how far its UNet output is from the default UNet's on the same inp
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
 import json
 import platform
 import shutil
@@ -65,6 +67,9 @@ class Case:
     controlnets: tuple[str, ...] = ()
     # Time the canny preprocessor alone on frames of the case's size: no model runs.
     preprocessor: bool = False
+    # The similarity filter on, fed two alternating random pictures so that it skips nothing:
+    # what deciding costs a frame.
+    similarity_filter: bool = False
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -74,6 +79,7 @@ class Case:
             cfg_type=self.cfg_type,
             mode=self.mode,
             frame_buffer_size=self.frame_buffer_size,
+            similarity_filter=self.similarity_filter,
         )
 
 
@@ -134,6 +140,31 @@ GPU_CASES = {
         baseline="diffusers-xl",
     ),
     "sdxs-img2img": Case("sdxs img2img 1 step", "synthetic:sdxs", "img2img", (32,), "none"),
+    "sdxs-img2img-fbs2": Case(
+        "sdxs img2img 1 step, frame_buffer_size 2",
+        "synthetic:sdxs",
+        "img2img",
+        (32,),
+        "none",
+        frame_buffer_size=2,
+    ),
+    "sdxs-img2img-fbs4": Case(
+        "sdxs img2img 1 step, frame_buffer_size 4",
+        "synthetic:sdxs",
+        "img2img",
+        (32,),
+        "none",
+        frame_buffer_size=4,
+    ),
+    "turbo-img2img-filter": Case(
+        "sd-turbo img2img 1 step, similarity filter on, nothing skipped",
+        "synthetic:sd-turbo",
+        "img2img",
+        (32,),
+        "none",
+        baseline="none",
+        similarity_filter=True,
+    ),
     "turbo-img2img-2lora-live": Case(
         "sd-turbo img2img 1 step, 2 live LoRAs",
         "synthetic:sd-turbo",
@@ -198,6 +229,17 @@ CPU_CASES = {
 }
 # The SDXL and ControlNet paths at CPU size, for a smoke run of what their GPU cases do.
 CPU_SMOKE_CASES = {
+    "tiny-img2img-filter": Case(
+        "tiny img2img 1 step, similarity filter on, nothing skipped",
+        "synthetic:tiny",
+        "img2img",
+        (32,),
+        "none",
+        64,
+        64,
+        baseline="none",
+        similarity_filter=True,
+    ),
     "tiny-img2img-controlnet": Case(
         "tiny img2img 1 step, 1 ControlNet (canny)",
         "synthetic:tiny",
@@ -464,13 +506,14 @@ def run_ours(
     if ip_adapter is not None:
         stream.image_prompt.set_image_tokens(ip_adapter.image_tokens(picture))
         stream.image_prompt.set_scale(0.6)
-    pixels = torch.randint(
-        0,
-        256,
-        (case.frame_buffer_size, case.height, case.width, 3),
-        dtype=torch.uint8,
-        device=device,
-    )
+    shape = (case.frame_buffer_size, case.height, case.width, 3)
+    # Two pictures far apart (random pixels), taken in turn when the filter is on, so that it
+    # decides on every frame and skips none.
+    inputs = [
+        torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        for _ in range(2 if case.similarity_filter else 1)
+    ]
+    calls = itertools.count()
     if case.mode == "txt2img":
 
         def step():
@@ -478,7 +521,7 @@ def run_ours(
     else:
 
         def step():
-            return stream.img2img(pixels)
+            return stream.img2img(inputs[next(calls) % len(inputs)])
 
     # The first frames fill the buffer and, where asked, compile and capture: part of set-up.
     with torch.inference_mode():
@@ -499,6 +542,8 @@ def run_ours(
         result.extra["style_embed_ms"] = statistics.median(encodings) * 1000
     if stream.controlnets is not None:
         result.extra["controlnets"] = len(stream.controlnets)
+    if case.similarity_filter:
+        result.extra["frames_skipped"] = stream.frames_skipped
     return result
 
 
@@ -593,10 +638,12 @@ def run_bench(
             f"cn={case.controlnets}"
         )
         if not case.preprocessor and key not in loaded:
+            # The previous case's models go before the next load, so that peak memory is this
+            # case's alone.
+            components = controlnet_models = None
             loaded.clear()
             adapters.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release(device)
             log(f"loading {case.model} on {device} ({dtype})")
             load_started = time.perf_counter()
             components = load_components(case.model, vae="tiny", device=device, dtype=dtype)
@@ -615,8 +662,12 @@ def run_bench(
         ours = [(accel, precision) for accel in accels for precision in precisions]
         runs = ([(case.baseline, "default")] if baseline else []) + ours
         for accel, precision in runs:
+            resident = 0.0
             if device.type == "cuda":
+                # Graphs of the previous run may sit in reference cycles until collected.
+                _release(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device) / 2**20
             try:
                 if case.preprocessor:
                     result = run_canny(case, accel, frames, warmup, device, dtype)
@@ -652,12 +703,21 @@ def run_bench(
                 )
             if device.type == "cuda":
                 result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+                # What was held before the run began: the models, their adapters and inputs.
+                result.extra["resident_mb"] = round(resident, 1)
             results.append(result)
             log(format_row(result))
             if "style_embed_ms" in result.extra:
                 encode = result.extra["style_embed_ms"]
                 log(f"  a new IP-Adapter picture encodes in {encode:.2f} ms")
     return results
+
+
+def _release(device: torch.device) -> None:
+    """Free what nothing refers to any more, cycles included, and hand cached CUDA blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _load_controlnets(components, case: Case) -> list:

@@ -1,0 +1,31 @@
+"""The similarity-filter bench cases: the filter decides on every frame and skips none."""
+
+from __future__ import annotations
+
+import json
+
+from bridge.cli import main
+from bridge.runtime.bench import CPU_SMOKE_CASES, GPU_CASES
+
+
+def test_the_filter_smoke_case_decides_on_every_frame_and_skips_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    arguments = ["bench", "--cases", "tiny-img2img-filter", "--device", "cpu"]
+    arguments += ["--frames", "6", "--warmup", "2", "--out", str(out)]
+    assert main(arguments) == 0
+    (result,) = json.loads((out / "results.json").read_text())["results"]
+    assert (result["implementation"], result["error"]) == ("ours", "")
+    # Three set-up frames, two warm-up frames and six timed ones, each a new picture: a filter
+    # that saw the same picture twice in a row would skip.
+    assert result["extra"]["frames_skipped"] == 0
+    assert result["fps"] > 0
+
+
+def test_the_gpu_filter_case_is_the_plain_one_step_case_with_the_filter_on():
+    filtered, plain = GPU_CASES["turbo-img2img-filter"], GPU_CASES["turbo-img2img"]
+    assert filtered.similarity_filter and not plain.similarity_filter
+    assert filtered.config().similarity_filter
+    same = ("model", "mode", "t_index_list", "cfg_type", "width", "height", "frame_buffer_size")
+    assert all(getattr(filtered, name) == getattr(plain, name) for name in same)
+    assert CPU_SMOKE_CASES["tiny-img2img-filter"].config().similarity_filter
