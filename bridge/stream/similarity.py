@@ -14,6 +14,13 @@ result on the main stream (`.item()`) would wait for all of it. `should_skip_pix
 computes the similarity on a side stream that waits only for the new frame's upload (the event
 `frames.upload_event` finds; for a frame made any other way, for the caller's stream), copies the
 scalar into pinned host memory and waits on that copy's event alone.
+
+Launching. Those few kernels (conversion, pooling, the cosine, the copy) cost far more host time
+to launch one by one than GPU time to run, and the frame step cannot start before the decision.
+So on CUDA they are captured once per frame shape as a small CUDA graph of their own (the
+`_Comparison`): a frame is copied into the graph's input, one replay writes the pooled picture
+and its similarity to the reference, and a processed frame's pooled picture becomes the
+reference by one copy. Where capture fails the same work runs uncaptured.
 """
 
 from __future__ import annotations
@@ -66,6 +73,11 @@ class SimilarityFilter:
         self._side: torch.cuda.Stream | None = None
         self._host: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
+        # Whether CUDA frames go through captured comparisons; off for good if capture fails.
+        self._graphs = True
+        self._comparison: _Comparison | None = None
+        # Comparisons captured so far (one per frame shape and format seen on CUDA).
+        self.captures = 0
 
     def reset(self) -> None:
         """Forget the reference frame; the next frame is always processed."""
@@ -91,6 +103,8 @@ class SimilarityFilter:
         `ready` is the event after which the frame is on the device (its upload); without it the
         comparison waits for the caller's stream, which is always correct and may be slower.
         """
+        if pixels.device.type == "cuda" and self._graphs:
+            return self._judge_graphed(pixels, pixel_format, ready)
 
         def pooled() -> torch.Tensor:
             return signature(to_model_input(pixels, pixel_format, torch.float32))
@@ -106,16 +120,11 @@ class SimilarityFilter:
         """Compare the signature of `source` with the reference and decide."""
         if source.device.type != "cuda":
             flat = make_signature()
-            if not self._comparable(flat):
-                return self._decide(flat, None)
-            return self._decide(flat, F.cosine_similarity(flat, self._reference).item())
-        side = self._side_stream(source.device)
-        if ready is not None:
-            side.wait_event(ready)
-        else:
-            side.wait_stream(torch.cuda.current_stream(source.device))
-        # Read on the side stream: its memory must not be handed out again before that is done.
-        source.record_stream(side)
+            similarity = None
+            if self._comparable(flat):
+                similarity = F.cosine_similarity(flat, self._reference).item()
+            return self._decide(flat, similarity)
+        side = self._wait_on_side(source, ready)
         with torch.cuda.stream(side):
             flat = make_signature()
             if not self._comparable(flat):
@@ -125,19 +134,83 @@ class SimilarityFilter:
         self._copied.synchronize()
         return self._decide(flat, self._host.item())
 
+    def _judge_graphed(
+        self, pixels: torch.Tensor, pixel_format: str, ready: torch.cuda.Event | None
+    ) -> bool:
+        """`_judge` for frames on CUDA, through the captured comparison of their shape."""
+        side = self._wait_on_side(pixels, ready)
+        with torch.cuda.stream(side):
+            comparison = self._comparison_for(pixels, pixel_format, side)
+            if comparison is None:
+                self._graphs = False
+                return self.should_skip_pixels(pixels, pixel_format, ready)
+            comparison.pixels.copy_(pixels)
+            comparison.graph.replay()
+            self._copied.record(side)
+        if not self._comparable(comparison.signature):
+            return self._decide_graphed(comparison, side, None)
+        self._copied.synchronize()
+        return self._decide_graphed(comparison, side, self._host.item())
+
+    def _decide_graphed(
+        self, comparison: _Comparison, side: torch.cuda.Stream, similarity: float | None
+    ) -> bool:
+        if self._decide(comparison.signature, similarity):
+            return True
+        # A processed frame's picture becomes the reference; on the side stream, after the
+        # replay that made it and before the next one.
+        with torch.cuda.stream(side):
+            comparison.reference.copy_(comparison.signature)
+        self._reference = comparison.reference
+        return False
+
+    def _wait_on_side(self, source: torch.Tensor, ready: torch.cuda.Event | None):
+        """The side stream, made to wait for `ready` (or the caller's stream) and to keep
+        `source` alive until what it queues has read it."""
+        side = self._side_stream(source.device)
+        if ready is not None:
+            side.wait_event(ready)
+        else:
+            side.wait_stream(torch.cuda.current_stream(source.device))
+        # Read on the side stream: its memory must not be handed out again before that is done.
+        source.record_stream(side)
+        return side
+
+    def _comparison_for(
+        self, pixels: torch.Tensor, pixel_format: str, side: torch.cuda.Stream
+    ) -> _Comparison | None:
+        """The captured comparison for frames like `pixels` (captured on first use), or None
+        where capture fails."""
+        key = (tuple(pixels.shape), pixels.device, pixel_format)
+        if self._comparison is not None and self._comparison.key == key:
+            return self._comparison
+        try:
+            comparison = _Comparison(key, self._host, side)
+        except RuntimeError:
+            return None
+        self.captures += 1
+        if self._comparable(comparison.signature):
+            # The last reference carries over to frames of a new size that pool alike.
+            comparison.reference.copy_(self._reference)
+            self._reference = comparison.reference
+        self._comparison = comparison
+        return comparison
+
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._side is None or self._side.device != device:
             self._side = torch.cuda.Stream(device)
             self._host = torch.empty(1, dtype=torch.float32, pin_memory=True)
             self._copied = torch.cuda.Event()
             self._reference = None
+            self._comparison = None
         return self._side
 
     def _comparable(self, flat: torch.Tensor) -> bool:
         return self._reference is not None and self._reference.shape == flat.shape
 
     def _decide(self, flat: torch.Tensor, similarity: float | None) -> bool:
-        """Skip or not from the similarity to the reference (None: nothing to compare with)."""
+        """Skip or not from the similarity to the reference (None: nothing to compare with);
+        a frame not skipped makes `flat` the reference."""
         if similarity is not None:
             self.last_similarity = similarity
             if self._skipped_in_row < self.max_skip_frames:
@@ -147,3 +220,28 @@ class SimilarityFilter:
         self._reference = flat
         self._skipped_in_row = 0
         return False
+
+
+class _Comparison:
+    """The filter's work for one frame shape, captured as a CUDA graph on the filter's stream.
+
+    A replay reads `pixels`, writes their pooled picture to `signature` and its cosine
+    similarity to `reference` into the pinned `host` scalar.
+    """
+
+    def __init__(self, key: tuple, host: torch.Tensor, side: torch.cuda.Stream) -> None:
+        shape, device, pixel_format = key
+        self.key = key
+        self.pixels = torch.zeros(shape, dtype=torch.uint8, device=device)
+
+        def pool() -> torch.Tensor:
+            return signature(to_model_input(self.pixels, pixel_format, torch.float32))
+
+        # Once uncaptured, so that nothing is initialised lazily during capture.
+        self.reference = torch.zeros_like(pool())
+        F.cosine_similarity(pool(), self.reference)
+        self.graph = torch.cuda.CUDAGraph()
+        # Only this thread's CUDA calls are checked against the capture (see accel/cudagraph).
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+            self.signature = pool()
+            host.copy_(F.cosine_similarity(self.signature, self.reference), non_blocking=True)

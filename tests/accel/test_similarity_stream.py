@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bridge.runtime.transfer import HostTransfer
-from bridge.stream import SimilarityFilter, StreamConfig, StreamDiffusion
+from bridge.stream import SimilarityFilter, StreamConfig, StreamDiffusion, similarity
 from bridge.stream.frames import upload_event
 from tests.accel.helpers import load_tiny
 
@@ -72,6 +72,43 @@ def test_uploaded_frames_get_the_decisions_and_similarities_of_the_cpu():
         synchronous.append(waiting.should_skip_pixels(pixels, "rgb"))
     assert decided == expected == synchronous
     assert True in expected and False in expected[1:]
+    # One captured comparison served all 40 frames.
+    assert on_gpu.captures == 1
+
+
+def test_a_frame_of_a_new_size_is_compared_through_a_new_capture_with_the_same_decisions():
+    transfer = HostTransfer(torch.device("cuda"))
+    on_cpu = SimilarityFilter(THRESHOLD, max_skip_frames=3, seed=2)
+    on_gpu = SimilarityFilter(THRESHOLD, max_skip_frames=3, seed=2)
+    # 256 and 128 pixels a side both pool to 64: the reference carries over the size change.
+    frames = pictures(12, seed=3)
+    frames += [picture[::2, ::2].copy() for picture in pictures(12, seed=3)]
+    expected, decided, similarities = [], [], []
+    for picture in frames:
+        expected.append(on_cpu.should_skip_pixels(torch.from_numpy(picture)[None], "rgb"))
+        decided.append(on_gpu.should_skip_pixels(*uploaded(transfer, picture), "rgb"))
+        similarities.append((on_gpu.last_similarity, on_cpu.last_similarity))
+    assert decided == expected
+    assert all(gpu == pytest.approx(cpu, abs=1e-5) for gpu, cpu in similarities)
+    assert on_gpu.captures == 2
+
+
+def test_a_comparison_that_cannot_be_captured_runs_uncaptured_with_the_same_decisions(
+    monkeypatch,
+):
+    def refuse(*args):
+        raise RuntimeError("stand-in for a failed capture")
+
+    monkeypatch.setattr(similarity, "_Comparison", refuse)
+    transfer = HostTransfer(torch.device("cuda"))
+    on_cpu = SimilarityFilter(THRESHOLD, max_skip_frames=3, seed=4)
+    on_gpu = SimilarityFilter(THRESHOLD, max_skip_frames=3, seed=4)
+    expected, decided = [], []
+    for picture in pictures(20, seed=4):
+        expected.append(on_cpu.should_skip_pixels(torch.from_numpy(picture)[None], "rgb"))
+        decided.append(on_gpu.should_skip_pixels(*uploaded(transfer, picture), "rgb"))
+    assert decided == expected and True in decided
+    assert on_gpu.captures == 0
 
 
 def test_the_decision_does_not_wait_for_work_queued_before_the_upload():
