@@ -25,6 +25,7 @@ reference by one copy. Where capture fails the same work runs uncaptured.
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 
@@ -241,7 +242,15 @@ class _Comparison:
         self.reference = torch.zeros_like(pool())
         F.cosine_similarity(pool(), self.reference)
         self.graph = torch.cuda.CUDAGraph()
-        # Only this thread's CUDA calls are checked against the capture (see accel/cudagraph).
-        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-            self.signature = pool()
-            host.copy_(F.cosine_similarity(self.signature, self.reference), non_blocking=True)
+        # A graph freed by the cycle collector during capture would invalidate it: the
+        # collector stays off meanwhile. Only this thread's CUDA calls are checked against the
+        # capture (as in accel/cudagraph).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.signature = pool()
+                host.copy_(F.cosine_similarity(self.signature, self.reference), non_blocking=True)
+        finally:
+            if collecting:
+                gc.enable()
