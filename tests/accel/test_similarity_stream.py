@@ -86,7 +86,8 @@ def test_a_frame_of_a_new_size_is_compared_through_a_new_capture_with_the_same_d
     expected, decided, similarities = [], [], []
     for picture in frames:
         expected.append(on_cpu.should_skip_pixels(torch.from_numpy(picture)[None], "rgb"))
-        decided.append(on_gpu.should_skip_pixels(*uploaded(transfer, picture), "rgb"))
+        pixels, ready = uploaded(transfer, picture)
+        decided.append(on_gpu.should_skip_pixels(pixels, "rgb", ready))
         similarities.append((on_gpu.last_similarity, on_cpu.last_similarity))
     assert decided == expected
     assert all(gpu == pytest.approx(cpu, abs=1e-5) for gpu, cpu in similarities)
@@ -106,7 +107,8 @@ def test_a_comparison_that_cannot_be_captured_runs_uncaptured_with_the_same_deci
     expected, decided = [], []
     for picture in pictures(20, seed=4):
         expected.append(on_cpu.should_skip_pixels(torch.from_numpy(picture)[None], "rgb"))
-        decided.append(on_gpu.should_skip_pixels(*uploaded(transfer, picture), "rgb"))
+        pixels, ready = uploaded(transfer, picture)
+        decided.append(on_gpu.should_skip_pixels(pixels, "rgb", ready))
     assert decided == expected and True in decided
     assert on_gpu.captures == 0
 
