@@ -142,12 +142,13 @@ class SimilarityFilter:
         side = self._wait_on_side(pixels, ready)
         with torch.cuda.stream(side):
             comparison = self._comparison_for(pixels, pixel_format, side)
-            if comparison is None:
-                self._graphs = False
-                return self.should_skip_pixels(pixels, pixel_format, ready)
-            comparison.pixels.copy_(pixels)
-            comparison.graph.replay()
-            self._copied.record(side)
+            if comparison is not None:
+                comparison.pixels.copy_(pixels)
+                comparison.graph.replay()
+                self._copied.record(side)
+        if comparison is None:
+            self._graphs = False
+            return self.should_skip_pixels(pixels, pixel_format, ready)
         if not self._comparable(comparison.signature):
             return self._decide_graphed(comparison, side, None)
         self._copied.synchronize()
@@ -185,6 +186,9 @@ class SimilarityFilter:
         key = (tuple(pixels.shape), pixels.device, pixel_format)
         if self._comparison is not None and self._comparison.key == key:
             return self._comparison
+        if self._comparison is not None:
+            # Frames changed shape (rare): the old graph goes only once nothing of it is queued.
+            side.synchronize()
         try:
             comparison = _Comparison(key, self._host, side)
         except RuntimeError:
