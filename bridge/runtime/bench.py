@@ -552,8 +552,9 @@ def run_ours(
         times = _time_frames(step, frames, warmup, device)
         result = _result(case, "ours", accel, times, setup)
         result.precision = precision
-        # Frames launched back to back, as the engine keeps two in flight: what a decision or a
-        # launch can overlap with the step before it shows here.
+        # Frames launched back to back, none waited for until the last (the engine keeps at
+        # most two in flight): what a decision or a launch can overlap with the step before it
+        # shows here.
         pipelined = _pipelined_fps(step, frames, device)
         result.extra["pipelined_fps"] = pipelined * case.frame_buffer_size
         if precision != "default":
@@ -567,6 +568,8 @@ def run_ours(
         result.extra["controlnets"] = len(stream.controlnets)
     if case.similarity_filter:
         result.extra["frames_skipped"] = stream.frames_skipped
+        # The similarity of the last two pictures compared: 0.0 if the filter never compared.
+        result.extra["last_similarity"] = stream.similarity_filter.last_similarity
     return result
 
 
@@ -726,7 +729,7 @@ def run_bench(
                 )
             if device.type == "cuda":
                 result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-                # What was held before the run began: the models, their adapters and inputs.
+                # What was held before the run began: the models and their adapters.
                 result.extra["resident_mb"] = round(resident, 1)
             results.append(result)
             log(format_row(result))

@@ -251,7 +251,7 @@ class StreamDiffusion:
         if moved & _NOISE_RESTART_FIELDS:
             self._restart_noise()
         if moved & _FILTER_FIELDS:
-            self._filter = self._make_filter()
+            self._update_filter()
         if moved & {"feature_bank_size", "cfg_type"}:  # the bank has a row per UNet latent
             self._sync_bank()
 
@@ -634,6 +634,22 @@ class StreamDiffusion:
         elif self._bank is None or (self._bank.size, self._bank.rows) != (size, rows):
             self._bank_switch = install(self.unet)
             self._bank = FeatureBank(size, rows, self._bank_strength, self._bank_threshold)
+
+    @property
+    def similarity_filter(self) -> SimilarityFilter | None:
+        """The similarity filter deciding on frames, None while it is off."""
+        return self._filter
+
+    def _update_filter(self) -> None:
+        """Follow the filter settings: a new threshold or run length changes the filter in
+        place (its reference and captured comparison stay); switching it off drops it."""
+        cfg = self.config
+        if self._filter is not None and cfg.similarity_filter:
+            self._filter.configure(cfg.similarity_threshold, cfg.max_skip_frames)
+            return
+        if self._filter is not None:
+            self._filter.close()
+        self._filter = self._make_filter()
 
     def _make_filter(self) -> SimilarityFilter | None:
         cfg = self.config

@@ -61,12 +61,7 @@ class SimilarityFilter:
     """
 
     def __init__(self, threshold: float = 0.98, max_skip_frames: int = 10, seed: int = 0) -> None:
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"similarity threshold must be in [0, 1), got {threshold}.")
-        if max_skip_frames < 0:
-            raise ValueError(f"max_skip_frames must be 0 or more, got {max_skip_frames}.")
-        self.threshold = threshold
-        self.max_skip_frames = max_skip_frames
+        self.configure(threshold, max_skip_frames)
         self._random = random.Random(seed)
         self._reference: torch.Tensor | None = None
         self._skipped_in_row = 0
@@ -79,6 +74,22 @@ class SimilarityFilter:
         self._comparison: _Comparison | None = None
         # Comparisons captured so far (one per frame shape and format seen on CUDA).
         self.captures = 0
+
+    def configure(self, threshold: float, max_skip_frames: int) -> None:
+        """Set the threshold and the longest run of skipped frames, from the next frame on;
+        the reference, the draws and any captured comparison stay."""
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"similarity threshold must be in [0, 1), got {threshold}.")
+        if max_skip_frames < 0:
+            raise ValueError(f"max_skip_frames must be 0 or more, got {max_skip_frames}.")
+        self.threshold = threshold
+        self.max_skip_frames = max_skip_frames
+
+    def close(self) -> None:
+        """Wait for comparison work still queued on the GPU, whose results land in memory this
+        filter owns; call it before dropping a filter that has seen CUDA frames."""
+        if self._side is not None:
+            self._side.synchronize()
 
     def reset(self) -> None:
         """Forget the reference frame; the next frame is always processed."""
@@ -183,7 +194,7 @@ class SimilarityFilter:
     ) -> _Comparison | None:
         """The captured comparison for frames like `pixels` (captured on first use), or None
         where capture fails."""
-        key = (tuple(pixels.shape), pixels.device, pixel_format)
+        key = (tuple(pixels.shape), pixels.dtype, pixels.device, pixel_format)
         if self._comparison is not None and self._comparison.key == key:
             return self._comparison
         if self._comparison is not None:
@@ -192,6 +203,7 @@ class SimilarityFilter:
         try:
             comparison = _Comparison(key, self._host, side)
         except RuntimeError:
+            self._comparison = None
             return None
         self.captures += 1
         if self._comparable(comparison.signature):
@@ -203,6 +215,8 @@ class SimilarityFilter:
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._side is None or self._side.device != device:
+            # Work queued for the old device writes into the pinned scalar: let it finish.
+            self.close()
             self._side = torch.cuda.Stream(device)
             self._host = torch.empty(1, dtype=torch.float32, pin_memory=True)
             self._copied = torch.cuda.Event()
@@ -235,9 +249,9 @@ class _Comparison:
     """
 
     def __init__(self, key: tuple, host: torch.Tensor, side: torch.cuda.Stream) -> None:
-        shape, device, pixel_format = key
+        shape, dtype, device, pixel_format = key
         self.key = key
-        self.pixels = torch.zeros(shape, dtype=torch.uint8, device=device)
+        self.pixels = torch.zeros(shape, dtype=dtype, device=device)
 
         def pool() -> torch.Tensor:
             return signature(to_model_input(self.pixels, pixel_format, torch.float32))

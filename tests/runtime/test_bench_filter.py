@@ -19,6 +19,10 @@ def test_the_filter_smoke_case_decides_on_every_frame_and_skips_none(tmp_path, m
     # Three set-up frames, two warm-up frames and six timed ones, each a new picture: a filter
     # that saw the same picture twice in a row would skip.
     assert result["extra"]["frames_skipped"] == 0
+    # ... and it did compare them (0.0 is the value before any comparison): two independent
+    # random pictures, centred on 0 as the VAE takes them, are nearly orthogonal.
+    similarity = result["extra"]["last_similarity"]
+    assert similarity != 0.0 and abs(similarity) < 0.2
     assert result["fps"] > 0
 
 

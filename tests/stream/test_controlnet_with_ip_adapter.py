@@ -100,3 +100,35 @@ def test_each_at_scale_0_leaves_what_the_other_gives_alone_and_both_differ_from_
     assert (both - ip_alone).abs().mean().item() > LATENT_GAP
     assert (both - control_alone).abs().mean().item() > LATENT_GAP
     assert (ip_alone - neither).abs().mean().item() > LATENT_GAP
+
+
+def test_the_controlnet_sees_the_same_inputs_and_gives_the_same_residuals_whatever_the_picture(
+    models,
+):
+    """At one step each frame's latents come from the frame alone, so the ControlNet's inputs
+    and outputs must not move with the IP-Adapter's scale: it never sees the picture tokens."""
+    controlnet = models[2]
+    seen: list[list[torch.Tensor]] = []
+
+    def record_inputs(module, args, kwargs):
+        seen[-1].extend(t.clone() for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+
+    def record_outputs(module, args, kwargs, output):
+        down, middle = output[0], output[1]
+        seen[-1].extend(t.clone() for t in (*down, middle))
+
+    handles = [
+        controlnet.register_forward_pre_hook(record_inputs, with_kwargs=True),
+        controlnet.register_forward_hook(record_outputs, with_kwargs=True),
+    ]
+    try:
+        for ip_scale in (0.8, 0.0):
+            seen.append([])
+            run(models, ip_scale, 1.0, t_index_list=(32,), cfg_type="none")
+    finally:
+        for handle in handles:
+            handle.remove()
+    with_picture, without = seen
+    assert len(with_picture) == len(without) > 0
+    for a, b in zip(with_picture, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -92,6 +92,29 @@ def test_a_changed_frame_is_processed_with_the_filter_on(make_stream):
     assert stream.frames_skipped == 0
 
 
+def test_live_filter_settings_change_the_filter_in_place_and_switching_off_drops_it(make_stream):
+    stream = make_stream(similarity_filter=True, similarity_threshold=0.5, max_skip_frames=1)
+    still = frame(1)
+    filt = stream._filter
+    stream(still)
+    stream(still)
+    assert stream.frames_skipped == 1
+    stream.update(max_skip_frames=3, similarity_threshold=0.6)
+    # The same filter, so the same reference: the still frame keeps being skipped, now up to
+    # three in a row, after the one processed when the run of one ended.
+    assert stream._filter is filt
+    assert (filt.threshold, filt.max_skip_frames) == (0.6, 3)
+    calls = stream.unet_calls
+    for _ in range(4):
+        stream(still)
+    assert stream.unet_calls == calls + 1
+    assert stream.frames_skipped == 4
+    stream.update(similarity_filter=False)
+    assert stream._filter is None
+    stream(still)
+    assert stream.unet_calls == calls + 2
+
+
 def checkerboard(side: int) -> torch.Tensor:
     """+1 and -1 on alternate pixels: detail finer than any pooled cell."""
     rows = torch.arange(side).view(-1, 1)
