@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,7 @@ from bridge.control.params import LORA_SCALES, PARAMS
 from bridge.models import ensure_synthetic
 from tests.control.helpers import receive_all
 from tests.models.loras import write_lora
-from tests.runtime.helpers import free_port
+from tests.runtime.helpers import first_answer, free_port
 
 
 @pytest.fixture
@@ -108,15 +107,8 @@ def test_a_running_bridge_moves_the_scale_of_its_lora_and_refuses_index_5(tmp_pa
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         with OscClient("127.0.0.1", port, timeout=1.0) as client:
-            deadline = time.monotonic() + 60
-            reply = None
-            while reply is None and time.monotonic() < deadline:
-                assert process.poll() is None, process.communicate()[1]
-                client.send("/sd/get", "/sd/lora/0/scale")
-                reply = client.receive(0.2)
+            reply = first_answer(client, process, "/sd/lora/0/scale")
             assert reply == ("/sd/value", ["/sd/lora/0/scale", 0.5])
-            while client.receive(0.5) is not None:  # answers to the gets sent while starting
-                pass
             client.send("/sd/lora/0/scale", -1.25)
             assert client.get("/sd/lora/0/scale") == [-1.25]
             client.send("/sd/lora/5/scale", 1.0)
@@ -144,15 +136,7 @@ def test_a_bridge_started_with_fuse_loras_has_no_live_scale_to_move(tmp_path) ->
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         with OscClient("127.0.0.1", port, timeout=1.0) as client:
-            deadline = time.monotonic() + 60
-            reply = None
-            while reply is None and time.monotonic() < deadline:
-                assert process.poll() is None, process.communicate()[1]
-                client.send("/sd/get", "seed")
-                reply = client.receive(0.2)
-            assert reply is not None
-            while client.receive(0.5) is not None:  # answers to the gets sent while starting
-                pass
+            assert first_answer(client, process, "seed") is not None
             client.send("/sd/lora/0/scale", 1.0)
             error = client.receive(2.0)
             assert error is not None and error[0] == "/sd/error"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 
+from bridge.control import OscClient
 from bridge.io import Frame, Sink, Source
 
 
@@ -12,6 +15,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def first_answer(
+    client: OscClient, process: subprocess.Popen, name: str, timeout: float = 60.0
+) -> tuple | None:
+    """Ask a starting bridge for setting `name` until it answers or `timeout` seconds pass,
+    then drop the late answers to the asks sent meanwhile; the first answer, None if none came.
+
+    Fails the test, with the bridge's standard error, if the process ends first.
+    """
+    deadline = time.monotonic() + timeout
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        client.send("/sd/get", name)
+        reply = client.receive(0.2)
+    while client.receive(0.5) is not None:
+        pass
+    return reply
 
 
 class LocalSource(Source):

@@ -14,7 +14,7 @@ import pytest
 
 from bridge.control import OscClient
 from bridge.io.shm_protocol import ShmReader, ShmWriter
-from tests.runtime.helpers import free_port
+from tests.runtime.helpers import first_answer, free_port
 
 SIZE = ("--width", "64", "--height", "64")
 TINY = ("--model", "synthetic:tiny", *SIZE)
@@ -79,14 +79,7 @@ def test_osc_reaches_a_running_bridge_and_errors_come_back(bridge_process, shm_n
     port = free_port()
     process = bridge_process(*TINY, "--output", "null", "--osc-port", str(port), "--quiet")
     with OscClient("127.0.0.1", port, timeout=1.0) as client:
-        deadline = time.monotonic() + 60
-        reply = None
-        while reply is None and time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()[1]
-            client.send("/sd/get", "prompt")
-            reply = client.receive(0.2)
-        while client.receive(0.5) is not None:  # late answers to the gets sent while starting
-            pass
+        assert first_answer(client, process, "prompt") is not None
         client.send("/sd/prompt", "a lighthouse in a storm")
         assert client.get("prompt") == ["a lighthouse in a storm"]
         client.send("/sd/delta", float("nan"))

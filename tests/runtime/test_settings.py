@@ -21,7 +21,7 @@ from bridge.runtime.settings import (
     parse_lora,
     settings_table_markdown,
 )
-from tests.runtime.helpers import free_port
+from tests.runtime.helpers import first_answer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -289,14 +289,7 @@ def test_every_live_setting_given_at_start_is_what_the_running_bridge_reports(br
         "--osc-port", str(port), "--quiet", *flags,
     )  # fmt: skip
     with OscClient("127.0.0.1", port, timeout=1.0) as client:
-        reply = None
-        for _ in range(300):  # up to about a minute for the start
-            assert process.poll() is None, process.communicate()[1]
-            client.send("/sd/get", "prompt")
-            reply = client.receive(0.2)
-            if reply is not None:
-                break
-        assert reply is not None
+        assert first_answer(client, process, "prompt") is not None
         for name, (_, expected) in LIVE_FLAGS.items():
             got = client.get(name)
             assert got == pytest.approx(expected), name
