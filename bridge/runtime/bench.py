@@ -91,136 +91,82 @@ CONTROLNETS = {
     "synthetic:tiny": "synthetic:controlnet-tiny",
 }
 
+
+def _one_step(name: str, model: str, **settings) -> Case:
+    """A 1-step img2img case (`t_index_list` [32], no guidance), the shape most cases take."""
+    return Case(name, model, "img2img", (32,), "none", **settings)
+
+
+_TURBO = "synthetic:sd-turbo"
+_TINY = {"model": "synthetic:tiny", "width": 64, "height": 64}
+
 GPU_CASES = {
-    "turbo-img2img": Case(
-        "sd-turbo img2img 1 step", "synthetic:sd-turbo", "img2img", (32,), "none"
+    "turbo-img2img": _one_step("sd-turbo img2img 1 step", _TURBO),
+    "turbo-img2img-fbs4": _one_step(
+        "sd-turbo img2img 1 step, frame_buffer_size 4", _TURBO, frame_buffer_size=4
     ),
-    "turbo-img2img-fbs4": Case(
-        "sd-turbo img2img 1 step, frame_buffer_size 4",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
-        frame_buffer_size=4,
-    ),
-    "turbo-txt2img": Case("sd-turbo txt2img 1 step", "synthetic:sd-turbo", "txt2img", (0,), "none"),
+    "turbo-txt2img": Case("sd-turbo txt2img 1 step", _TURBO, "txt2img", (0,), "none"),
     "sd15-img2img-rcfg": Case(
         "sd15 img2img [32, 45] RCFG self", "synthetic:sd15", "img2img", (32, 45), "self"
     ),
     "sd15-txt2img-4step": Case(
         "sd15 txt2img [0, 16, 32, 45]", "synthetic:sd15", "txt2img", (0, 16, 32, 45), "none"
     ),
-    "turbo-img2img-768x432": Case(
-        "sd-turbo img2img 1 step 768x432", "synthetic:sd-turbo", "img2img", (32,), "none", 768, 432
+    "turbo-img2img-768x432": _one_step(
+        "sd-turbo img2img 1 step 768x432", _TURBO, width=768, height=432
     ),
-    "turbo-img2img-1024x576": Case(
-        "sd-turbo img2img 1 step 1024x576",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
-        1024,
-        576,
+    "turbo-img2img-1024x576": _one_step(
+        "sd-turbo img2img 1 step 1024x576", _TURBO, width=1024, height=576
     ),
-    "sdxl-turbo-img2img": Case(
-        "sdxl-turbo img2img 1 step",
-        "synthetic:sdxl-turbo",
-        "img2img",
-        (32,),
-        "none",
-        baseline="diffusers-xl",
+    "sdxl-turbo-img2img": _one_step(
+        "sdxl-turbo img2img 1 step", "synthetic:sdxl-turbo", baseline="diffusers-xl"
     ),
-    "sdxl-turbo-img2img-1024": Case(
+    "sdxl-turbo-img2img-1024": _one_step(
         "sdxl-turbo img2img 1 step 1024x1024",
         "synthetic:sdxl-turbo",
-        "img2img",
-        (32,),
-        "none",
-        1024,
-        1024,
+        width=1024,
+        height=1024,
         baseline="diffusers-xl",
     ),
-    "sdxs-img2img": Case("sdxs img2img 1 step", "synthetic:sdxs", "img2img", (32,), "none"),
-    "sdxs-img2img-fbs2": Case(
-        "sdxs img2img 1 step, frame_buffer_size 2",
-        "synthetic:sdxs",
-        "img2img",
-        (32,),
-        "none",
-        frame_buffer_size=2,
+    "sdxs-img2img": _one_step("sdxs img2img 1 step", "synthetic:sdxs"),
+    "sdxs-img2img-fbs2": _one_step(
+        "sdxs img2img 1 step, frame_buffer_size 2", "synthetic:sdxs", frame_buffer_size=2
     ),
-    "sdxs-img2img-fbs4": Case(
-        "sdxs img2img 1 step, frame_buffer_size 4",
-        "synthetic:sdxs",
-        "img2img",
-        (32,),
-        "none",
-        frame_buffer_size=4,
+    "sdxs-img2img-fbs4": _one_step(
+        "sdxs img2img 1 step, frame_buffer_size 4", "synthetic:sdxs", frame_buffer_size=4
     ),
-    "turbo-img2img-filter": Case(
+    "turbo-img2img-filter": _one_step(
         "sd-turbo img2img 1 step, similarity filter on, nothing skipped",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
+        _TURBO,
         baseline="none",
         similarity_filter=True,
     ),
-    "turbo-img2img-2lora-live": Case(
-        "sd-turbo img2img 1 step, 2 live LoRAs",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
-        baseline="none",
-        loras=2,
+    "turbo-img2img-2lora-live": _one_step(
+        "sd-turbo img2img 1 step, 2 live LoRAs", _TURBO, baseline="none", loras=2
     ),
-    "turbo-img2img-2lora-fused": Case(
+    "turbo-img2img-2lora-fused": _one_step(
         "sd-turbo img2img 1 step, 2 fused LoRAs",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
+        _TURBO,
         baseline="none",
         loras=2,
         fuse_loras=True,
     ),
-    "turbo-img2img-ipadapter": Case(
-        "sd-turbo img2img 1 step, IP-Adapter",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
-        baseline="none",
-        ip_adapter=True,
+    "turbo-img2img-ipadapter": _one_step(
+        "sd-turbo img2img 1 step, IP-Adapter", _TURBO, baseline="none", ip_adapter=True
     ),
-    "turbo-img2img-controlnet": Case(
+    "turbo-img2img-controlnet": _one_step(
         "sd-turbo img2img 1 step, 1 ControlNet (canny)",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
+        _TURBO,
         baseline="none",
         controlnets=("canny",),
     ),
-    "turbo-img2img-2controlnet": Case(
+    "turbo-img2img-2controlnet": _one_step(
         "sd-turbo img2img 1 step, 2 ControlNets (canny, passthrough)",
-        "synthetic:sd-turbo",
-        "img2img",
-        (32,),
-        "none",
+        _TURBO,
         baseline="none",
         controlnets=("canny", "passthrough"),
     ),
-    "canny-512": Case(
-        "canny preprocessor 512x512",
-        "",
-        "img2img",
-        (32,),
-        "none",
-        baseline="none",
-        preprocessor=True,
-    ),
+    "canny-512": _one_step("canny preprocessor 512x512", "", baseline="none", preprocessor=True),
 }
 CPU_CASES = {
     "tiny-img2img": Case(
@@ -228,61 +174,33 @@ CPU_CASES = {
     ),
     "tiny-txt2img": Case("tiny txt2img 1 step", "synthetic:tiny", "txt2img", (0,), "none", 64, 64),
 }
-# The SDXL and ControlNet paths at CPU size, for a smoke run of what their GPU cases do.
+# The SDXL, ControlNet, IP-Adapter and filter paths at CPU size, for a smoke run of what their
+# GPU cases do.
 CPU_SMOKE_CASES = {
-    "tiny-img2img-filter": Case(
+    "tiny-img2img-filter": _one_step(
         "tiny img2img 1 step, similarity filter on, nothing skipped",
-        "synthetic:tiny",
-        "img2img",
-        (32,),
-        "none",
-        64,
-        64,
+        **_TINY,
         baseline="none",
         similarity_filter=True,
     ),
-    "tiny-img2img-controlnet": Case(
+    "tiny-img2img-controlnet": _one_step(
         "tiny img2img 1 step, 1 ControlNet (canny)",
-        "synthetic:tiny",
-        "img2img",
-        (32,),
-        "none",
-        64,
-        64,
+        **_TINY,
         baseline="none",
         controlnets=("canny",),
     ),
-    "canny-64": Case(
-        "canny preprocessor 64x64",
-        "",
-        "img2img",
-        (32,),
-        "none",
-        width=64,
-        height=64,
-        baseline="none",
-        preprocessor=True,
+    "canny-64": _one_step(
+        "canny preprocessor 64x64", "", width=64, height=64, baseline="none", preprocessor=True
     ),
-    "tinyxl-img2img": Case(
+    "tinyxl-img2img": _one_step(
         "tiny-xl img2img 1 step",
         "synthetic:tiny-xl",
-        "img2img",
-        (32,),
-        "none",
-        64,
-        64,
+        width=64,
+        height=64,
         baseline="diffusers-xl",
     ),
-    "tiny-img2img-ipadapter": Case(
-        "tiny img2img 1 step, IP-Adapter",
-        "synthetic:tiny",
-        "img2img",
-        (32,),
-        "none",
-        64,
-        64,
-        baseline="none",
-        ip_adapter=True,
+    "tiny-img2img-ipadapter": _one_step(
+        "tiny img2img 1 step, IP-Adapter", **_TINY, baseline="none", ip_adapter=True
     ),
 }
 
