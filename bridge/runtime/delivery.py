@@ -30,6 +30,7 @@ from collections.abc import Callable
 from bridge.io import now
 
 from .transfer import MAX_IN_FLIGHT, PendingFrames
+from .workers import join_while_progressing
 
 log = logging.getLogger("sd_bridge")
 
@@ -110,11 +111,7 @@ class Delivery:
         thread = self._thread
         if thread is None:
             return
-        delivered = -1
-        while thread.is_alive() and self.delivered != delivered:
-            delivered = self.delivered
-            thread.join(stall_seconds)
-        if thread.is_alive():
+        if not join_while_progressing(thread, lambda: self.delivered, stall_seconds):
             log.warning(
                 "the GPU finished no step for %.0f s while stopping; %d launched steps are lost.",
                 stall_seconds,

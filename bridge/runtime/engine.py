@@ -36,7 +36,7 @@ from .delivery import Delivery
 from .metrics import Metrics, Status
 from .prompts import Fade, PromptWorker
 from .transfer import HostTransfer, PendingFrames
-from .workers import CountingSlot, SinkWorker, SourceWorker
+from .workers import CountingSlot, SinkWorker, SourceWorker, join_while_progressing
 
 if TYPE_CHECKING:
     from bridge.models.live_lora import LiveLoras
@@ -449,11 +449,9 @@ class Engine:
         """Let every sink write what it was given and close; wait while each makes progress."""
         self._finish.set()
         for worker in self._sink_workers:
-            written = -1
-            while worker.is_alive() and worker.written != written:
-                written = worker.written
-                worker.join(SINK_STALL_SECONDS)
-            if worker.is_alive():
+            if not join_while_progressing(
+                worker, lambda worker=worker: worker.written, SINK_STALL_SECONDS
+            ):
                 log.warning(
                     "output %s wrote nothing for %.0f s while stopping; its last frames are lost.",
                     worker.sink.describe(),

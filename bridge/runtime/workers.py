@@ -24,6 +24,18 @@ RETRY_FIRST = 0.1
 RETRY_MAX = 1.0
 
 
+def join_while_progressing(
+    thread: threading.Thread, progress: Callable[[], int], stall_seconds: float
+) -> bool:
+    """Wait for `thread` to end for as long as `progress()` (a count it raises as it works)
+    keeps rising from one wait of `stall_seconds` to the next; True if it ended."""
+    seen = -1
+    while thread.is_alive() and progress() != seen:
+        seen = progress()
+        thread.join(stall_seconds)
+    return not thread.is_alive()
+
+
 class CountingSlot(FrameSlot):
     """A frame slot that counts frames replaced before anyone took them."""
 
