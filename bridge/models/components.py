@@ -41,6 +41,20 @@ class Components:
         second = [] if self.text_encoder_2 is None else [self.text_encoder_2]
         return [self.text_encoder, *second]
 
+    def pipeline_networks(self) -> dict[str, object]:
+        """The networks and tokenizers as a diffusers pipeline's constructor names them, the
+        SDXL pair included where the model has it: a pipeline made with them runs these very
+        objects."""
+        networks: dict[str, object] = {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+        }
+        if self.text_encoder_2 is not None:
+            networks |= {"text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+        return networks
+
 
 def family_of(unet: UNet2DConditionModel) -> str:
     """``"sd21"`` for a UNet conditioned on 1024-wide text (OpenCLIP ViT-H), ``"sdxl"`` for SDXL.

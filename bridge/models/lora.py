@@ -98,21 +98,11 @@ def _lora_pipeline(components: Components) -> DiffusionPipeline:
     # The LoRA loader lives on the pipeline class; a pipeline over the same networks loads in
     # place. It gets a copy of the scheduler because its constructor rewrites outdated settings.
     scheduler = LCMScheduler.from_config(components.scheduler.config)
-    if getattr(components, "text_encoder_2", None) is not None:
-        return StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=scheduler,
-        )
+    networks = components.pipeline_networks()
+    if "text_encoder_2" in networks:
+        return StableDiffusionXLPipeline(**networks, scheduler=scheduler)
     return StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
+        **networks,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,

@@ -367,12 +367,7 @@ def run_diffusers_xl(case: Case, components, frames: int, warmup: int) -> Result
     device, dtype = components.unet.device, components.unet.dtype
     started = time.perf_counter()
     pipeline = StableDiffusionXLImg2ImgPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer,
-        tokenizer_2=components.tokenizer_2,
-        unet=components.unet,
+        **components.pipeline_networks(),
         scheduler=LCMScheduler.from_config(components.scheduler.config),
         add_watermarker=False,
     )

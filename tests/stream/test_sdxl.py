@@ -250,12 +250,7 @@ def _diffusers_conditioning(components, prompt: str) -> tuple[torch.Tensor, ...]
     """diffusers' own SDXL encoding of `prompt` with no negative prompt, over the same networks:
     (tokens, negative tokens, pooled, negative pooled)."""
     pipeline = StableDiffusionXLPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer,
-        tokenizer_2=components.tokenizer_2,
-        unet=components.unet,
+        **components.pipeline_networks(),
         scheduler=components.scheduler,
         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
         add_watermarker=False,
