@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 from bridge.control import OscClient
-from bridge.io import Frame, Sink, Source
+from bridge.io import Frame, Sink, Source, now
 
 
 def free_port() -> int:
@@ -54,6 +58,32 @@ class LocalSource(Source):
 
     def _close(self) -> None:
         pass
+
+
+class FedSource(LocalSource):
+    """Hands out exactly the frames a test puts in, when it puts them: the n-th fed frame is a
+    flat `side`-pixel square of level `level(n)`, with n as its frame number."""
+
+    def __init__(
+        self, side: int, label: str = "fed", level: Callable[[int], int] = lambda n: n % 256
+    ) -> None:
+        super().__init__()
+        self.side = side
+        self.label = label
+        self.level = level
+        self.frames: queue.Queue[Frame] = queue.Queue()
+        self.fed = 0
+
+    def feed(self) -> None:
+        pixels = np.full((self.side, self.side, 3), self.level(self.fed), np.uint8)
+        self.frames.put(Frame(pixels, "rgb", now(), self.fed))
+        self.fed += 1
+
+    def _read(self, timeout: float) -> Frame | None:
+        try:
+            return self.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 class RecordingSink(Sink):

@@ -20,7 +20,7 @@ from bridge.runtime.controlnets import (
 from bridge.runtime.engine import Engine
 from bridge.stream import ControlNet, StreamConfig, StreamDiffusion
 from tests.runtime.helpers import free_port
-from tests.runtime.test_side_input import Fed
+from tests.runtime.test_side_input import fed_depth
 
 TINY_CONTROLNET = "synthetic:controlnet-tiny"
 
@@ -92,7 +92,7 @@ class RecordingStack:
 
 
 def test_control_frames_are_copied_in_newest_first_and_another_size_is_said_once():
-    source = Fed()
+    source = fed_depth()
     entries = [ControlNetEntry("a", "canny"), ControlNetEntry("b", "fed:depth")]
     controls = ControlInputs(entries, [None, source], width=8, height=6)
     stack = RecordingStack()
@@ -133,7 +133,7 @@ def test_store_changes_reach_the_controlnets_through_the_engine(tiny, tmp_path):
     config = StreamConfig(width=32, height=32, t_index_list=(32,), cfg_type="none", mode="txt2img")
     stream = StreamDiffusion(tiny, config, controlnets=[ControlNet(model, "image", scale=0.8)])
     store = ParamStore(families=controlnet_families(entries))
-    controls = ControlInputs(entries, [Fed()], width=32, height=32)
+    controls = ControlInputs(entries, [fed_depth()], width=32, height=32)
     controls.attach(stream.controlnets)
     engine = Engine(stream, store, None, [], controls=controls)
     engine.apply(store.snapshot())

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 
-import numpy as np
 import pytest
 
 from bridge.control import ParamStore
-from bridge.io import Frame, Source, now
+from bridge.io import Frame, Source
 from bridge.io.pattern import PatternSource
 from bridge.runtime.engine import Engine, EngineHooks
 from bridge.stream import StreamConfig, StreamDiffusion
-from tests.runtime.helpers import LocalSource, RecordingSink
+from tests.runtime.helpers import FedSource, RecordingSink
 from tests.runtime.test_engine import wait_for
 
 SIZE = 64
@@ -31,28 +29,6 @@ class CountingPattern(PatternSource):
         if frame is not None:
             self.delivered += 1
         return frame
-
-
-class FedSource(LocalSource):
-    """Hands out exactly the frames a test puts in, when it puts them."""
-
-    label = "fed"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: queue.Queue[Frame] = queue.Queue()
-        self.fed = 0
-
-    def feed(self) -> None:
-        pixels = np.full((SIZE, SIZE, 3), self.fed * 40 % 256, np.uint8)
-        self.frames.put(Frame(pixels, "rgb", now(), self.fed))
-        self.fed += 1
-
-    def _read(self, timeout: float) -> Frame | None:
-        try:
-            return self.frames.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
 
 class Recorder(RecordingSink):
@@ -105,7 +81,7 @@ def test_a_paced_source_fills_every_batch_and_each_frame_is_used_or_counted(
 def test_a_partial_batch_waits_for_its_frames_and_is_dropped_when_the_input_goes(
     tiny, frame_buffer_size
 ):
-    source, sink, states = FedSource(), Recorder(), []
+    source, sink, states = FedSource(SIZE, level=lambda n: n * 40 % 256), Recorder(), []
     engine = engine_for(
         tiny,
         source,

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
-import numpy as np
-
-from bridge.io import Frame, now
+from bridge.io import Frame
 from bridge.runtime.side_input import SideInput
-from tests.runtime.helpers import LocalSource
+from tests.runtime.helpers import FedSource
 
 
-class Fed(LocalSource):
-    """Hands out exactly the frames a test puts in."""
-
-    label = "fed:depth"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: queue.Queue[Frame] = queue.Queue()
-        self.fed = 0
-
-    def feed(self) -> None:
-        self.frames.put(Frame(np.full((8, 8, 3), self.fed, np.uint8), "rgb", now(), self.fed))
-        self.fed += 1
-
-    def _read(self, timeout: float) -> Frame | None:
-        try:
-            return self.frames.get(timeout=timeout)
-        except queue.Empty:
-            return None
+def fed_depth() -> FedSource:
+    """A control input that hands out exactly the 8x8 frames a test puts in."""
+    return FedSource(8, "fed:depth")
 
 
 def poll_until_frame(side: SideInput) -> Frame:
@@ -45,7 +26,7 @@ def poll_until_frame(side: SideInput) -> Frame:
 
 def test_side_input_keeps_the_newest_frame_and_reports_loss_and_return_once() -> None:
     said: list[str] = []
-    source = Fed()
+    source = fed_depth()
     side = SideInput("control input 0", source, say=said.append, loss_after=0.0)
     stop = threading.Event()
     side.start(stop)
