@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_bench(tmp_path: Path, monkeypatch, *arguments: str) -> list[dict]:
+    """`sd-bridge bench <arguments> --device cpu` with a cache and an output folder of its own
+    under `tmp_path`; the results it wrote to results.json."""
+    from bridge.cli import main
+
+    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    assert main(["bench", *arguments, "--device", "cpu", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["results"]
 
 
 def first_answer(

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
-from bridge.cli import main
 from bridge.runtime.bench import CONTROLNETS, CPU_SMOKE_CASES, GPU_CASES
+from tests.runtime.helpers import run_bench
 
 
 def test_the_controlnet_smoke_cases_run_the_pipeline_and_the_preprocessor_on_the_cpu(
     tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "bench"
-    arguments = ["bench", "--cases", "tiny-img2img-controlnet,canny-64", "--device", "cpu"]
-    arguments += ["--frames", "2", "--warmup", "1", "--out", str(out)]
-    assert main(arguments) == 0
-    results = json.loads((out / "results.json").read_text())["results"]
+    cases = ["--cases", "tiny-img2img-controlnet,canny-64"]
+    results = run_bench(tmp_path, monkeypatch, *cases, "--frames", "2", "--warmup", "1")
     assert [(r["case"], r["implementation"], r["accel"]) for r in results] == [
         ("tiny img2img 1 step, 1 ControlNet (canny)", "ours", "none"),
         ("canny preprocessor 64x64", "ours", "none"),

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-from bridge.cli import main
 from bridge.runtime.bench import CPU_SMOKE_CASES, GPU_CASES
+from tests.runtime.helpers import run_bench
 
 
 def test_the_filter_smoke_case_decides_on_every_frame_and_skips_none(tmp_path, monkeypatch):
-    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "bench"
-    arguments = ["bench", "--cases", "tiny-img2img-filter", "--device", "cpu"]
-    arguments += ["--frames", "6", "--warmup", "2", "--out", str(out)]
-    assert main(arguments) == 0
-    (result,) = json.loads((out / "results.json").read_text())["results"]
+    arguments = ["--cases", "tiny-img2img-filter", "--frames", "6", "--warmup", "2"]
+    (result,) = run_bench(tmp_path, monkeypatch, *arguments)
     assert (result["implementation"], result["error"]) == ("ours", "")
     # Three set-up frames, two warm-up frames and six timed ones, each a new picture: a filter
     # that saw the same picture twice in a row would skip.

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
-from bridge.cli import main
 from bridge.runtime.bench import CPU_SMOKE_CASES, GPU_CASES
+from tests.runtime.helpers import run_bench
 
 
 def test_the_ip_adapter_smoke_case_times_frames_and_a_new_picture_on_the_cpu(
     tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "bench"
-    arguments = ["bench", "--cases", "tiny-img2img-ipadapter", "--device", "cpu"]
-    arguments += ["--frames", "2", "--warmup", "1", "--out", str(out)]
-    assert main(arguments) == 0
-    (result,) = json.loads((out / "results.json").read_text())["results"]
+    arguments = ["--cases", "tiny-img2img-ipadapter", "--frames", "2", "--warmup", "1"]
+    (result,) = run_bench(tmp_path, monkeypatch, *arguments)
     assert (result["implementation"], result["accel"], result["error"]) == ("ours", "none", "")
     assert result["fps"] > 0 and result["extra"]["style_embed_ms"] > 0
     printed = capsys.readouterr().out

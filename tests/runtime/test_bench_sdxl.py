@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
-from bridge.cli import main
 from bridge.runtime.bench import CPU_SMOKE_CASES, GPU_CASES, Result, table
+from tests.runtime.helpers import run_bench
 
 
 def test_the_sdxl_smoke_case_runs_the_diffusers_baseline_and_ours_on_the_cpu(
     tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("SD_BRIDGE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "bench"
-    arguments = ["bench", "--cases", "tinyxl-img2img", "--accel", "cudagraph", "--device", "cpu"]
-    arguments += ["--frames", "2", "--warmup", "1", "--no-original", "--out", str(out)]
-    assert main(arguments) == 0
-    results = json.loads((out / "results.json").read_text())["results"]
+    arguments = ["--cases", "tinyxl-img2img", "--accel", "cudagraph"]
+    arguments += ["--frames", "2", "--warmup", "1", "--no-original"]
+    results = run_bench(tmp_path, monkeypatch, *arguments)
     assert [(r["implementation"], r["accel"]) for r in results] == [
         ("diffusers", "none"),
         ("ours", "none"),
