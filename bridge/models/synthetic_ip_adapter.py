@@ -30,8 +30,6 @@ in well under a second)
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from bridge.models.ip_adapter import IMAGE_ENCODER_FOLDER
-from bridge.models.synthetic import SPECS, default_synthetic_root
+from bridge.models.synthetic import SPECS, build_once, default_synthetic_root
 
 RECIPE_VERSION = 1
 IMAGE_TOKENS = 4
@@ -103,23 +101,14 @@ def ensure_synthetic_ip_adapter(name: str, root: str | Path | None = None) -> Pa
             f"{', '.join('synthetic:' + known for known in IP_ADAPTER_SPECS)}."
         )
     root = Path(root) if root is not None else default_synthetic_root()
-    folder = root / f"ip-adapter-{name}-v{RECIPE_VERSION}"
-    weights = folder / "models" / f"ip-adapter_{name}.safetensors"
-    if weights.is_file():
-        return weights
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".ip-adapter-{name}-building-", dir=root))
-    try:
-        write_synthetic_ip_adapter(IP_ADAPTER_SPECS[name], staging / "models", weights.name)
-        try:
-            staging.rename(folder)
-        except OSError:
-            # Another process renamed its copy into place first; the copies are identical.
-            if not weights.is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return weights
+    file_name = f"ip-adapter_{name}.safetensors"
+    folder = build_once(
+        root / f"ip-adapter-{name}-v{RECIPE_VERSION}",
+        lambda staging: write_synthetic_ip_adapter(
+            IP_ADAPTER_SPECS[name], staging / "models", file_name
+        ),
+    )
+    return folder / "models" / file_name
 
 
 def write_synthetic_ip_adapter(spec: IPAdapterSpec, folder: Path, file_name: str) -> None:
