@@ -257,8 +257,9 @@ class _Comparison:
             return signature(to_model_input(self.pixels, pixel_format, torch.float32))
 
         # Once uncaptured, so that nothing is initialised lazily during capture.
-        self.reference = torch.zeros_like(pool())
-        F.cosine_similarity(pool(), self.reference)
+        pooled = pool()
+        self.reference = torch.zeros_like(pooled)
+        F.cosine_similarity(pooled, self.reference)
         self.graph = torch.cuda.CUDAGraph()
         # A graph freed by the cycle collector during capture would invalidate it: the
         # collector stays off meanwhile. Only this thread's CUDA calls are checked against the
