@@ -50,6 +50,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         precisions=args.precision.split(","),
+        compile_scopes=args.compile_scope.split(","),
     )
     print(bench.table(results))
     path = bench.write_report(results, device, Path(args.out))
@@ -254,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="default",
         help="comma-separated UNet precisions of our runs: default, fp8 (default: default)",
+    )
+    bench.add_argument(
+        "--compile-scope",
+        default="model",
+        help="comma-separated scopes of the compile runs: model, blocks (default: model)",
     )
     bench.add_argument(
         "--no-original",

@@ -226,6 +226,7 @@ class StreamDiffusionBridgeExt:
             ip_adapter_image=str(par.Ipadapterimage.eval()).strip(),
             ip_adapter_scale=float(par.Ipadapterscale.eval()),
             precision=str(par.Precision.eval()),
+            compile_scope=str(par.Compilescope.eval()),
             controlnets=self._controlnet_entries(),
         )
 

@@ -68,6 +68,8 @@ class BridgeSettings:
     """Its start scale, which then changes live."""
     precision: str = "default"
     """The UNet's matrix products: "default" (the model's dtype) or "fp8" (Ada, Hopper GPUs)."""
+    compile_scope: str = "model"
+    """What accel compile compiles: "model" (each network whole) or "blocks" (repeated blocks)."""
     controlnets: Sequence[str] = ()
     """`controlnet` entries, MODEL@SOURCE@SCALE; their values then change live."""
 
@@ -91,6 +93,7 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         f"--height={settings.height}",
         f"--accel={settings.accel}",
         f"--precision={settings.precision}",
+        f"--compile-scope={settings.compile_scope}",
         "--osc-host=127.0.0.1",
         f"--osc-port={settings.osc_port}",
         f"--osc-feedback=127.0.0.1:{settings.feedback_port}",

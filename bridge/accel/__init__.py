@@ -14,13 +14,16 @@ from bridge.stream import StreamDiffusion
 
 from .cudagraph import GraphedFrameStep
 from .fp8 import quantize_unet
+from .regions import compile_regions
 from .text_graph import GraphedTextEncoders, graph_text_encoders
 
 ACCEL_MODES = ("none", "cudagraph", "compile")
 PRECISIONS = ("default", "fp8")
+COMPILE_SCOPES = ("model", "blocks")
 
 __all__ = [
     "ACCEL_MODES",
+    "COMPILE_SCOPES",
     "PRECISIONS",
     "GraphedFrameStep",
     "GraphedTextEncoders",
@@ -45,6 +48,7 @@ def accelerate(
     *,
     precision: str = "default",
     compile_mode: str = "default",
+    compile_scope: str = "model",
     cache_dir: Path | None = None,
 ) -> StreamDiffusion:
     """Make `stream` faster in place and return it.
@@ -59,11 +63,18 @@ def accelerate(
     anything is compiled or captured; it needs an NVIDIA GPU of compute capability 8.9 or newer
     and an fp16 or bf16 model, and is refused in one sentence otherwise. "default" keeps the
     model's dtype.
+
+    `compile_scope` says what "compile" compiles: "model", each network whole, or "blocks", each
+    network's repeated blocks on their own (regions.py), which compiles and starts sooner.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(
+            f"compile scope {compile_scope!r} is unknown; use one of {', '.join(COMPILE_SCOPES)}."
+        )
     if mode != "none" and stream.device.type != "cuda":
         raise ValueError(
             f'accel="{mode}" needs a CUDA GPU, but the pipeline runs on {stream.device}; '
@@ -80,7 +91,7 @@ def accelerate(
         plan = quantize_unet(stream)
         log.info(plan.line())
     if mode == "compile":
-        _compile(stream, compile_mode, cache_dir or default_compile_cache())
+        _compile(stream, compile_mode, compile_scope, cache_dir or default_compile_cache())
     if mode in ("cudagraph", "compile"):
         stream.accelerator = GraphedFrameStep(stream)
         graph_text_encoders(stream.prompts)
@@ -100,9 +111,19 @@ def use_compile_cache(cache_dir: Path | None = None) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def _compile(stream: StreamDiffusion, compile_mode: str, cache_dir: Path) -> None:
+def _compile(stream: StreamDiffusion, compile_mode: str, scope: str, cache_dir: Path) -> None:
     use_compile_cache(cache_dir)
     options = {"mode": compile_mode, "fullgraph": False, "dynamic": False}
+    if scope == "blocks":
+        # Copies new only along the way to each block: other pipelines sharing the components
+        # keep running them as they were.
+        stream.unet, blocks = compile_regions(stream.unet, **options)
+        for controlnet in _controlnets(stream):
+            controlnet.model, more = compile_regions(controlnet.model, **options)
+            blocks += more
+        stream.vae, more = compile_regions(stream.vae, **options)
+        log.info("compiling %d blocks", blocks + more)
+        return
     stream.unet = torch.compile(stream.unet, **options)
     for controlnet in _controlnets(stream):
         controlnet.model = torch.compile(controlnet.model, **options)

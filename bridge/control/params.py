@@ -597,6 +597,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="model",
     ),
     _start(
+        name="compile_scope",
+        kind=Kind.CHOICE,
+        default="model",
+        effect="What accel compile compiles: model (each network whole) or blocks (each repeated "
+        "block once per size: shorter compile and start, the parts between blocks uncompiled).",
+        choices=("model", "blocks"),
+        group="model",
+    ),
+    _start(
         name="width",
         kind=Kind.INT,
         default=512,

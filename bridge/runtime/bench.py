@@ -13,6 +13,10 @@ Each of our runs can also use float8 UNet products (`precision` "fp8", see bridg
 beside the default precision in the same run. An fp8 run converts a copy of the UNet that shares
 the unconverted weights, so the other runs keep the model as loaded, and records which layers it
 converted and how far its UNet output is from the default UNet's on the same input.
+
+A compile run can compile each network whole (`compile_scope` "model") or its repeated blocks
+(`compile_scope` "blocks", see bridge/accel/regions.py), or each in turn in the same run;
+`setup_s` then says what each costs to start.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bridge.accel import PRECISIONS, accelerate
+from bridge.accel import COMPILE_SCOPES, PRECISIONS, accelerate
 from bridge.accel.fp8 import converted_layers, layer_group, shared_copy, unet_error, unet_inputs
 from bridge.models import load_components
 from bridge.stream import ControlNet, PromptEncoder, StreamConfig, StreamDiffusion
@@ -224,11 +228,19 @@ class Result:
     peak_memory_mb: float = 0.0
     # Precision of our UNet's products: "default" (the dtype) or "fp8".
     precision: str = "default"
+    # What a compile run compiled: "model" (each network whole) or "blocks".
+    compile_scope: str = "model"
 
     @property
     def label(self) -> str:
-        """The acceleration as the table shows it, with a precision other than the default."""
-        return self.accel if self.precision == "default" else f"{self.accel} {self.precision}"
+        """The acceleration as the table shows it, with a precision and compile scope other than
+        the defaults."""
+        words = [self.accel]
+        if self.compile_scope != "model":
+            words.append(self.compile_scope)
+        if self.precision != "default":
+            words.append(self.precision)
+        return " ".join(words)
 
 
 def device_name(device: torch.device) -> str:
@@ -407,6 +419,7 @@ def run_ours(
     ip_adapter=None,
     precision: str = "default",
     controlnets: Sequence = (),
+    compile_scope: str = "model",
 ) -> Result:
     """Time our pipeline on `case` with one acceleration mode and UNet precision.
 
@@ -427,7 +440,7 @@ def run_ours(
             for model, source in zip(controlnets, case.controlnets, strict=True)
         ],
     )
-    accelerate(stream, accel, precision=precision)
+    accelerate(stream, accel, precision=precision, compile_scope=compile_scope)
     picture = torch.randint(0, 256, (case.height, case.width, 3), dtype=torch.uint8)
     if ip_adapter is not None:
         stream.image_prompt.set_image_tokens(ip_adapter.image_tokens(picture))
@@ -465,6 +478,7 @@ def run_ours(
         times = _time_frames(step, frames, warmup, device)
         result = _result(case, "ours", accel, times, setup)
         result.precision = precision
+        result.compile_scope = compile_scope
         # Frames launched back to back, none waited for until the last (the engine keeps at
         # most two in flight): what a decision or a launch can overlap with the step before it
         # shows here.
@@ -547,13 +561,15 @@ def run_bench(
     device: torch.device,
     dtype: torch.dtype,
     precisions: Sequence[str] = ("default",),
+    compile_scopes: Sequence[str] = ("model",),
     log: Callable[[str], None] = print,
 ) -> list[Result]:
     """Run the named cases; an implementation that fails records its error and the rest go on.
 
     `original` asks for the original StreamDiffusion on the cases it can run; SDXL cases always
     run their diffusers baseline. Accelerations that need CUDA are left out on other devices.
-    Our pipeline runs once per acceleration and per UNet precision in `precisions`.
+    Our pipeline runs once per acceleration and per UNet precision in `precisions`, and a
+    compile run once per scope in `compile_scopes`.
     """
     cases = {**GPU_CASES, **CPU_CASES, **CPU_SMOKE_CASES}
     unknown = [name for name in case_names if name not in cases]
@@ -563,6 +579,11 @@ def run_bench(
         if precision not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}."
+            )
+    for scope in compile_scopes:
+        if scope not in COMPILE_SCOPES:
+            raise ValueError(
+                f"unknown compile scope {scope!r}; choose from {', '.join(COMPILE_SCOPES)}."
             )
     if device.type != "cuda" and any(accel != "none" for accel in accels):
         log(f"note: accel {', '.join(accels)} needs CUDA; on {device} only accel none runs.")
@@ -598,9 +619,9 @@ def run_bench(
             loaded[key] = (components, controlnet_models)
         components, controlnet_models = loaded.get(key, (None, []))
         baseline = case.baseline == "diffusers-xl" or (original and case.baseline == "original")
-        ours = [(accel, precision) for accel in accels for precision in precisions]
-        runs = ([(case.baseline, "default")] if baseline else []) + ours
-        for accel, precision in runs:
+        ours = our_runs(accels, precisions, compile_scopes)
+        runs = ([(case.baseline, "default", "model")] if baseline else []) + ours
+        for accel, precision, scope in runs:
             resident = 0.0
             if device.type == "cuda":
                 # Graphs of the previous run may sit in reference cycles until collected.
@@ -624,6 +645,7 @@ def run_bench(
                         ip_adapter=adapters.get(key),
                         precision=precision,
                         controlnets=controlnet_models,
+                        compile_scope=scope,
                     )
             except Exception as error:  # a failing implementation must not hide the others
                 implementation = _IMPLEMENTATIONS.get(accel, "ours")
@@ -639,6 +661,7 @@ def run_bench(
                     0.0,
                     error=f"{type(error).__name__}: {error}",
                     precision=precision,
+                    compile_scope=scope,
                 )
             if device.type == "cuda":
                 result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -652,6 +675,19 @@ def run_bench(
                 encode = result.extra["style_embed_ms"]
                 log(f"  a new IP-Adapter picture encodes in {encode:.2f} ms")
     return results
+
+
+def our_runs(
+    accels: Sequence[str], precisions: Sequence[str], compile_scopes: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(accel, precision, compile scope) of each run of ours, in order: every precision for
+    every accel, and a compile run once per scope (a scope means nothing to the others)."""
+    return [
+        (accel, precision, scope)
+        for accel in accels
+        for precision in precisions
+        for scope in (compile_scopes if accel == "compile" else ("model",))
+    ]
 
 
 def _release(device: torch.device) -> None:

@@ -251,7 +251,15 @@ def _build_engine(
     )
     if not settings.quiet:
         precision = "" if settings.precision == "default" else f", precision {settings.precision}"
-        say(accel.line() + precision)
+        scope = ""
+        if settings.compile_scope != "model" and accel.mode == "compile":
+            scope = f", compiling {settings.compile_scope}"
+        say(accel.line() + precision + scope)
+        if settings.compile_scope != "model" and accel.mode != "compile":
+            say(
+                f'note: compile scope "{settings.compile_scope}" has no effect: accel is '
+                f"{accel.mode}, not compile."
+            )
     with torch.inference_mode():
         stream = accelerate(
             StreamDiffusion(
@@ -263,6 +271,7 @@ def _build_engine(
             ),
             accel.mode,
             precision=settings.precision,
+            compile_scope=settings.compile_scope,
         )
     controls.attach(stream.controlnets)
 

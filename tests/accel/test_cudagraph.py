@@ -132,16 +132,21 @@ def test_txt2img_replays_too(tiny_cuda):
 
 
 @pytest.mark.gpu
-def test_compile_mode_gives_the_eager_frames(tiny_cuda, tmp_path):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_mode_gives_the_eager_frames(tiny_cuda, tmp_path, scope):
     eager = build(tiny_cuda, cfg_type="self", t_index_list=(32, 45))
     config = StreamConfig(width=SIZE, height=SIZE, cfg_type="self", t_index_list=(32, 45))
     compiled = Tapped(
         accelerate(
             StreamDiffusion(tiny_cuda, config, prompt="a forest", negative_prompt="fog"),
             "compile",
+            compile_scope=scope,
             cache_dir=tmp_path,
         )
     )
+    blocks = [m for m in compiled.stream.unet.modules() if m._compiled_call_impl is not None]
+    # The tiny UNet has 12 blocks; "model" wraps the whole UNet instead.
+    assert len(blocks) == (12 if scope == "blocks" else 0)
     previous = None
     for index, pixels in enumerate(frames(4)):
         (latents_c, out_c), (latents_e, out_e) = compiled(pixels), eager(pixels)

@@ -129,6 +129,7 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
         "Resolutionh",
         "Accel",
         "Precision",
+        "Compilescope",
         "Transport",
         "Streamname",
         "Streaming",
@@ -141,6 +142,8 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
     # The bridge's own choices, so that every menu entry starts a bridge.
     assert comp.par.Precision.menuNames == list(SETTINGS_BY_KEY["precision"].choices)
     assert comp.par.Precision.eval() == "default"
+    assert comp.par.Compilescope.menuNames == list(SETTINGS_BY_KEY["compile_scope"].choices)
+    assert comp.par.Compilescope.eval() == "model"
     assert (comp.par.Resolutionw.eval(), comp.par.Resolutionh.eval()) == (512, 512)
     status = comp.customPages[2].pars
     assert [par.name for par in status] == [

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(script: str, arguments: list[str], folder: Path, timeout: float = 300):
+    """`python scripts/<script> <arguments>` from the repository root, with a bridge cache of
+    its own in `folder`; the finished process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *arguments],
+        cwd=ROOT,
+        env={**os.environ, "SD_BRIDGE_CACHE": str(folder / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_bench(tmp_path: Path, monkeypatch, *arguments: str) -> list[dict]:

@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from bridge.cli import main
-from bridge.runtime.bench import Result, table
+from bridge.runtime.bench import Result, our_runs, table
 
 
 def test_the_cpu_smoke_bench_writes_json_a_chart_and_a_table(tmp_path, capsys, monkeypatch):
@@ -38,3 +38,37 @@ def test_the_table_gives_each_run_its_ratio_to_the_original_of_the_same_case():
     assert lines[2].endswith("| 1.00x |")
     assert lines[3].endswith("| 3.00x |")
     assert lines[4].endswith("|  |")  # no original ran for case b
+
+
+def test_compile_runs_once_per_scope_and_other_accels_once():
+    assert our_runs(["none", "cudagraph", "compile"], ["default", "fp8"], ["model", "blocks"]) == [
+        ("none", "default", "model"),
+        ("none", "fp8", "model"),
+        ("cudagraph", "default", "model"),
+        ("cudagraph", "fp8", "model"),
+        ("compile", "default", "model"),
+        ("compile", "default", "blocks"),
+        ("compile", "fp8", "model"),
+        ("compile", "fp8", "blocks"),
+    ]
+
+
+def test_a_run_is_labelled_with_its_scope_and_precision_where_not_the_default():
+    run = Result("a", "ours", "compile", 10, 120.0, 8.3, 9.0, 8.3, 0.1)
+    assert run.label == "compile"
+    run.compile_scope, run.precision = "blocks", "fp8"
+    assert run.label == "compile blocks fp8"
+    assert "| a | ours | compile blocks fp8 | 120.0 |" in table([run])
+
+
+def test_an_unknown_compile_scope_is_refused_in_one_sentence(tmp_path, capsys):
+    code = main(
+        ["bench", "--device", "cpu", "--cases", "tiny-txt2img", "--compile-scope", "layers"]
+        + ["--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("sd-bridge: unknown compile scope 'layers'; choose from model, blocks.")
+    )

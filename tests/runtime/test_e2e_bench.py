@@ -7,33 +7,21 @@ through every phase asked for and reports what the GPU run is read for.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.runtime.helpers import run_script
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 def test_the_e2e_bench_measures_each_input_rate_and_the_prompt_churn(tmp_path):
     figures = tmp_path / "e2e.json"
-    command = [
-        sys.executable, "scripts/e2e_bench.py", "--model", "synthetic:tiny", "--accel", "none",
-        "--size", "64", "--input-fps", "30,0", "--seconds", "1.5", "--settle", "0.3",
-        "--json", str(figures),
+    arguments = [
+        "--model", "synthetic:tiny", "--accel", "none", "--size", "64", "--input-fps", "30,0",
+        "--seconds", "1.5", "--settle", "0.3", "--json", str(figures),
     ]  # fmt: skip
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "SD_BRIDGE_CACHE": str(tmp_path / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script("e2e_bench.py", arguments, tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(figures.read_text())
     phases = report["phases"]

@@ -11,16 +11,14 @@ flaps come every 1 to 3 s in between, rather than the script's 2 to 6, so that s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.runtime.helpers import run_script
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 # Longer soaks hold RSS growth under 2%. In a short run the warm-up ends at 10 s, and the RSS
 # still steps up during the first minutes as the churn reaches new combinations of shapes, prompt
 # lengths and fades; it flattens later, and stays flat with input flaps alone. Measured on a
@@ -34,18 +32,11 @@ def soak(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
     """The figures of one half-minute soak, and the finished soak process."""
     folder = tmp_path_factory.mktemp("soak")
     figures = folder / "soak.json"
-    command = [
-        sys.executable, "scripts/soak.py", "--minutes", "0.5", "--json", str(figures),
-        "--max-rss-growth", str(MAX_RSS_GROWTH_PERCENT), "--up-min", "1", "--up-max", "3",
+    arguments = [
+        "--minutes", "0.5", "--json", str(figures), "--max-rss-growth",
+        str(MAX_RSS_GROWTH_PERCENT), "--up-min", "1", "--up-max", "3",
     ]  # fmt: skip
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "SD_BRIDGE_CACHE": str(folder / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_script("soak.py", arguments, folder, timeout=900)
     assert figures.exists(), f"the soak wrote no figures:\n{done.stdout}\n{done.stderr}"
     return json.loads(figures.read_text()), done
 

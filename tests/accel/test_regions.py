@@ -1,0 +1,138 @@
+"""Compiling repeated blocks (`compile_scope` "blocks", bridge/accel/regions.py) on the CPU.
+
+Dynamo traces for real here; the blocks are compiled with its "eager" backend, which runs the
+traced graphs as PyTorch ops, because Inductor's code generation takes minutes on two cores. The
+same blocks through Inductor, inside a CUDA graph, are tested in test_graph_regions.py (GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from bridge.accel import _compile, accelerate
+from bridge.accel.regions import REGION_CLASSES, compile_regions
+from bridge.models import load_components
+from bridge.models.live_lora import load_live_loras
+from bridge.models.lora import check_loras
+from bridge.models.synthetic_lora import write_synthetic_lora
+from bridge.stream import StreamConfig, StreamDiffusion
+
+EAGER = {"backend": "eager", "dynamic": False}
+SIZE = 64
+
+
+@pytest.fixture
+def tiny():
+    torch._dynamo.reset()
+    yield load_components("synthetic:tiny", vae="tiny")
+    torch._dynamo.reset()
+
+
+def unet_inputs(unet) -> tuple[tuple, dict]:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    return (latents, torch.tensor([500])), {"encoder_hidden_states": text}
+
+
+def compiled_blocks(model) -> list[str]:
+    return [
+        name for name, module in model.named_modules() if module._compiled_call_impl is not None
+    ]
+
+
+@torch.no_grad()
+def test_a_copy_runs_each_block_compiled_and_the_model_stays_as_it_was(tiny):
+    unet = tiny.unet
+    blocks = [name for name, m in unet.named_modules() if type(m).__name__ in REGION_CLASSES]
+    copy, count = compile_regions(unet, **EAGER)
+    args, kwargs = unet_inputs(unet)
+    expected = unet(*args, **kwargs).sample
+    assert count == len(blocks) == 12
+    assert copy is not unet and type(copy) is type(unet)
+    assert compiled_blocks(copy) == blocks
+    assert compiled_blocks(unet) == []
+    # The weights are the model's own tensors, not copies.
+    assert all(a is b for a, b in zip(copy.parameters(), unet.parameters(), strict=True))
+    assert torch.equal(copy(*args, **kwargs).sample, expected)
+    assert torch.equal(unet(*args, **kwargs).sample, expected)
+
+
+@torch.no_grad()
+def test_dynamo_traces_each_kind_and_size_of_block_once(tiny):
+    unet = tiny.unet
+    seen = set()
+
+    def note(module, args, kwargs):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        seen.add((type(module).__name__, shapes, tuple(sorted(kwargs))))
+
+    hooks = [
+        module.register_forward_pre_hook(note, with_kwargs=True)
+        for module in unet.modules()
+        if type(module).__name__ in REGION_CLASSES
+    ]
+    args, kwargs = unet_inputs(unet)
+    unet(*args, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    copy, count = compile_regions(unet, **EAGER)
+    counters.clear()
+    copy(*args, **kwargs)
+    copy(*args, **kwargs)
+    # 12 blocks of 9 kinds and input sizes: 9 traces, and none again on the second call.
+    assert len(seen) == 9 < count
+    assert counters["stats"]["unique_graphs"] == len(seen)
+
+
+@torch.no_grad()
+def test_a_live_lora_scale_reaches_the_compiled_copy(tiny, tmp_path):
+    lora = write_synthetic_lora(tiny, tmp_path / "lora.safetensors", seed=1)
+    live = load_live_loras(tiny, check_loras([(lora, 1.0)]))
+    copy, _ = compile_regions(tiny.unet, **EAGER)
+    args, kwargs = unet_inputs(tiny.unet)
+    before = copy(*args, **kwargs).sample
+    live.set_scale(0, -1.0)
+    after = copy(*args, **kwargs).sample
+    assert (after - before).abs().max().item() > 1e-3
+    assert torch.equal(after, tiny.unet(*args, **kwargs).sample)
+
+
+def frames(stream: StreamDiffusion, count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    pictures = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+    with torch.inference_mode():
+        return [np.array(stream(picture)) for picture in pictures]
+
+
+def test_the_pipeline_compiled_by_blocks_makes_the_eager_pipelines_frames(
+    tiny, tmp_path, monkeypatch
+):
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), cfg_type="self", seed=4)
+    expected = frames(StreamDiffusion(tiny, config, prompt="a fox"), 4)
+    stream = StreamDiffusion(tiny, config, prompt="a fox")
+    # What accelerate(stream, "compile", compile_scope="blocks") runs, with Dynamo's eager
+    # backend in place of Inductor.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    _compile(stream, "default", "blocks", Path(tmp_path))
+    assert stream.unet is not tiny.unet and stream.vae is not tiny.vae
+    assert len(compiled_blocks(stream.unet)) == 12
+    assert len(compiled_blocks(stream.vae)) == 8
+    counters.clear()
+    got = frames(stream, 4)
+    assert counters["stats"]["unique_graphs"] > 0  # the blocks ran compiled
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    # Another pipeline on the same components runs them uncompiled, as they were.
+    assert compiled_blocks(tiny.unet) == [] and compiled_blocks(tiny.vae) == []
+
+
+def test_an_unknown_compile_scope_is_refused_in_one_sentence(tiny):
+    stream = StreamDiffusion(tiny, StreamConfig(width=SIZE, height=SIZE), prompt="a fox")
+    with pytest.raises(ValueError, match=r"^compile scope 'layers' is unknown; use one of model, "):
+        accelerate(stream, "none", compile_scope="layers")
