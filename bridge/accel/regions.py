@@ -14,7 +14,10 @@ The network itself is left as it was: `compile_regions` returns a copy that is n
 must be, the compiled blocks and the modules above them. Every parameter, buffer, attention
 processor and hook is the original's own object, so a live change (a LoRA scale, an IP-Adapter
 picture, the feature bank's rings) reaches the copy as it reaches the original, and the copy
-costs no memory for weights.
+costs no memory for weights. Two consequences: the copied modules share their hooks and buffers
+with the originals (a hook registered on the copy's root is also on the original's), and a child
+swapped on an original module after the copy is made (say `unet.conv_in = ...`) does not reach the
+copy. So a network's structure is final before it is accelerated, as it is in the bridge.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ from torch import nn
 # Block classes compiled on their own: diffusers' transformer and residual blocks (UNets,
 # ControlNets, the full VAE) and TAESD's block.
 REGION_CLASSES = ("Transformer2DModel", "ResnetBlock2D", "AutoencoderTinyBlock")
-# Each size of a block is one more compiled version of the same Python function; Dynamo's
-# default limit of 8 versions per function is below the 14 residual-block sizes of an SD UNet.
-RECOMPILE_LIMIT = 64
+# Each size of a block is one more compiled version of the same Python function, and Dynamo keeps
+# one list of versions per function for the whole process: every UNet, ControlNet and VAE in it,
+# and every shape a live change brings (a new batch size or resolution adds about 15 residual-block
+# versions for an SD UNet). Past the limit a block runs uncompiled, with one warning, so the limit
+# is set far above what a session reaches; Dynamo's default, 8, is below one SD UNet's 14 sizes.
+RECOMPILE_LIMIT = 512
+# Dynamo's limit on all recompilations of one function together, raised with it.
+ACCUMULATED_RECOMPILE_LIMIT = 4096
 
 
 def compile_regions(
@@ -76,3 +84,6 @@ def _raise_recompile_limit() -> None:
     # Named cache_size_limit before PyTorch 2.6.
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    name = "accumulated_recompile_limit"
+    if hasattr(config, name):
+        setattr(config, name, max(getattr(config, name), ACCUMULATED_RECOMPILE_LIMIT))

@@ -601,7 +601,7 @@ START_SETTINGS: tuple[Param, ...] = (
         kind=Kind.CHOICE,
         default="model",
         effect="What accel compile compiles: model (each network whole) or blocks (each repeated "
-        "block once per size: shorter compile and start, the parts between blocks uncompiled).",
+        "block once per size: less to trace and compile; the parts between blocks uncompiled).",
         choices=("model", "blocks"),
         group="model",
     ),

@@ -691,7 +691,13 @@ def our_runs(
 
 
 def _release(device: torch.device) -> None:
-    """Free what nothing refers to any more, cycles included, and hand cached CUDA blocks back."""
+    """Free what nothing refers to any more, cycles included, and hand cached CUDA blocks back.
+
+    Dynamo's traces go too: it keeps them per Python function for the whole process, so the
+    blocks of one case would otherwise count against the recompile limit of the next, and a run
+    would start with the traces of the run before it.
+    """
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

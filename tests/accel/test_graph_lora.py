@@ -1,4 +1,5 @@
-"""Under a CUDA graph: a live LoRA scale change needs no re-capture and matches the eager step.
+"""Under a CUDA graph: a live LoRA scale change needs no re-capture and matches the eager step,
+also when the UNet is compiled, whole or block by block.
 
 Latents are compared, not pixels: they are what the UNet's LoRA layers act on, and they differ
 where rounding to 8-bit pixels could hide a small difference.
@@ -38,12 +39,14 @@ def loras(cache, tmp_path_factory):
     ]
 
 
-def build(cache, loras, scales, graphed: bool):
+def build(cache, loras, scales, graphed: bool, accel: str = "cudagraph", scope: str = "model"):
     components = load_tiny("cuda", cache)
     live = load_live_loras(components, check_loras(list(zip(loras, scales, strict=True))))
     config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20,), cfg_type="none")
     stream = StreamDiffusion(components, config, prompt="a forest")
-    return (accelerate(stream, "cudagraph") if graphed else stream), live
+    if not graphed:
+        return stream, live
+    return accelerate(stream, accel, compile_scope=scope, cache_dir=cache / "compiled"), live
 
 
 def frames(count: int) -> list[torch.Tensor]:
@@ -54,8 +57,13 @@ def frames(count: int) -> list[torch.Tensor]:
     ]
 
 
-def test_a_scale_change_under_the_graph_needs_no_recapture_and_equals_eager(cache, loras):
-    graphed, graphed_loras = build(cache, loras, (1.0, 0.5), graphed=True)
+@pytest.mark.parametrize(
+    ("accel", "scope"), [("cudagraph", "model"), ("compile", "model"), ("compile", "blocks")]
+)
+def test_a_scale_change_under_the_graph_needs_no_recapture_and_equals_eager(
+    cache, loras, accel, scope
+):
+    graphed, graphed_loras = build(cache, loras, (1.0, 0.5), graphed=True, accel=accel, scope=scope)
     eager, eager_loras = build(cache, loras, (1.0, 0.5), graphed=False)
     graphed_tap, eager_tap = LatentTap(graphed), LatentTap(eager)
     pixels = frames(1)[0]  # one step and one input: each frame depends on the scales alone

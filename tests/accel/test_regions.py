@@ -2,7 +2,8 @@
 
 Dynamo traces for real here; the blocks are compiled with its "eager" backend, which runs the
 traced graphs as PyTorch ops, because Inductor's code generation takes minutes on two cores. The
-same blocks through Inductor, inside a CUDA graph, are tested in test_graph_regions.py (GPU).
+same blocks through Inductor, inside a CUDA graph, are tested on a GPU by the "blocks" cases of
+test_cudagraph.py and test_graph_lora.py.
 """
 
 from __future__ import annotations

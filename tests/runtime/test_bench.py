@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PIL import Image
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from bridge.cli import main
-from bridge.runtime.bench import Result, our_runs, table
+from bridge.runtime.bench import Result, _release, our_runs, table
 
 
 def test_the_cpu_smoke_bench_writes_json_a_chart_and_a_table(tmp_path, capsys, monkeypatch):
@@ -72,3 +74,16 @@ def test_an_unknown_compile_scope_is_refused_in_one_sentence(tmp_path, capsys):
         .err.strip()
         .endswith("sd-bridge: unknown compile scope 'layers'; choose from model, blocks.")
     )
+
+
+def _plus_one(x):
+    return x + 1
+
+
+def test_each_run_starts_without_the_traces_of_the_run_before():
+    """Dynamo keeps its traces per Python function for the whole process; a run must neither
+    reuse a previous run's nor count them against its recompile limit."""
+    torch.compile(_plus_one, backend="eager")(torch.ones(2))
+    assert len(_debug_get_cache_entry_list(_plus_one.__code__)) == 1
+    _release(torch.device("cpu"))
+    assert _debug_get_cache_entry_list(_plus_one.__code__) == []
