@@ -36,7 +36,7 @@ REGION_CLASSES = ("Transformer2DModel", "ResnetBlock2D", "AutoencoderTinyBlock")
 # one list of versions per function for the whole process: every UNet, ControlNet and VAE in it,
 # and every shape a live change brings (a new batch size or resolution adds about 15 residual-block
 # versions for an SD UNet). Past the limit a block runs uncompiled, with one warning, so the limit
-# is set far above what a session reaches; Dynamo's default, 8, is below one SD UNet's 14 sizes.
+# is set far above what a long run reaches; Dynamo's default, 8, is below one SD UNet's 14 sizes.
 RECOMPILE_LIMIT = 512
 # Dynamo's limit on all recompilations of one function together, raised with it.
 ACCUMULATED_RECOMPILE_LIMIT = 4096
