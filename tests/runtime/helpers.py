@@ -28,7 +28,9 @@ def free_port() -> int:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_script(script: str, arguments: list[str], folder: Path, timeout: float = 300):
+def run_script(
+    script: str, arguments: list[str], folder: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`python scripts/<script> <arguments>` from the repository root, with a bridge cache of
     its own in `folder`; the finished process, its output captured as text."""
     return subprocess.run(
