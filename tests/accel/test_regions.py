@@ -8,21 +8,26 @@ test_cudagraph.py and test_graph_lora.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
 
 from bridge.accel import _compile, accelerate
 from bridge.accel.regions import REGION_CLASSES, compile_regions
 from bridge.models import load_components
+from bridge.models.controlnet import load_controlnet
+from bridge.models.ip_adapter import load_ip_adapter
 from bridge.models.live_lora import load_live_loras
 from bridge.models.lora import check_loras
 from bridge.models.synthetic_lora import write_synthetic_lora
-from bridge.stream import StreamConfig, StreamDiffusion
+from bridge.stream import ControlNet, StreamConfig, StreamDiffusion
+from bridge.stream.ip_adapter import install
 
 EAGER = {"backend": "eager", "dynamic": False}
 SIZE = 64
@@ -112,6 +117,17 @@ def frames(stream: StreamDiffusion, count: int) -> list[np.ndarray]:
         return [np.array(stream(picture)) for picture in pictures]
 
 
+def latents(stream: StreamDiffusion, count: int) -> list[torch.Tensor]:
+    """The finished latents of `count` frames: what the UNet's changes reach before 8-bit pixels
+    could round a small change away."""
+    captured: list[torch.Tensor] = []
+    decode = stream.decode
+    stream.decode = lambda x: captured.append(x.clone()) or decode(x)
+    frames(stream, count)
+    stream.decode = decode
+    return captured
+
+
 def test_the_pipeline_compiled_by_blocks_makes_the_eager_pipelines_frames(
     tiny, tmp_path, monkeypatch
 ):
@@ -131,6 +147,65 @@ def test_the_pipeline_compiled_by_blocks_makes_the_eager_pipelines_frames(
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     # Another pipeline on the same components runs them uncompiled, as they were.
     assert compiled_blocks(tiny.unet) == [] and compiled_blocks(tiny.vae) == []
+
+
+def test_live_changes_of_a_controlnet_an_ip_adapter_and_the_feature_bank_reach_the_blocks(
+    tiny, tmp_path, monkeypatch
+):
+    cache = tmp_path / "models"
+    # Plain random UNet weights: synthetic:tiny's see-through weights keep the deeper levels,
+    # where the feature bank works, out of the output.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tiny = dataclasses.replace(tiny, unet=UNet2DConditionModel.from_config(tiny.unet.config))
+    adapter = load_ip_adapter(tiny, "synthetic:tiny", cache_dir=cache)
+    install(tiny.unet, adapter.empty_tokens())
+    controlnet = load_controlnet("synthetic:controlnet-tiny", tiny.unet.config, cache_dir=cache)
+    config = StreamConfig(
+        width=SIZE, height=SIZE, t_index_list=(20, 35), cfg_type="self", feature_bank_size=1
+    )
+    style = np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    tokens = adapter.image_tokens(style)
+
+    def pipeline() -> StreamDiffusion:
+        stream = StreamDiffusion(
+            tiny, config, prompt="a fox", controlnets=[ControlNet(controlnet, scale=0.5)]
+        )
+        stream.image_prompt.set_image_tokens(tokens)
+        stream.image_prompt.set_scale(0.6)
+        return stream
+
+    def live_run(stream: StreamDiffusion, applied: int = 5) -> list[torch.Tensor]:
+        """Two frames, then one frame after each live change (the first `applied` of them
+        made, a frame without a change in place of the others)."""
+        changes = [
+            lambda: stream.image_prompt.set_scale(1.0),
+            lambda: stream.controlnets.set_scale(0, 1.5),
+            lambda: stream.update(feature_bank_strength=0.3, feature_bank_threshold=0.0),
+            lambda: stream.controlnets.set_enabled(0, False),
+            lambda: stream.update(feature_bank_size=0),
+        ]
+        made = latents(stream, 2)
+        for change in changes[:applied]:
+            change()
+            made += latents(stream, 1)
+        return made + [frame for _ in changes[applied:] for frame in latents(stream, 1)]
+
+    expected = live_run(pipeline())
+    # Each change shows in the frame after it: a compiled copy that missed one would differ.
+    for index in range(5):
+        fewer = live_run(pipeline(), applied=index)
+        assert torch.equal(fewer[index + 1], expected[index + 1])
+        moved = (fewer[index + 2] - expected[index + 2]).abs().max().item()
+        # The runs are equal bit for bit up to the change (above), so any difference is its own.
+        assert moved > 0, f"change {index} did not move the next frame's latents"
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    stream = pipeline()
+    _compile(stream, "default", "blocks", Path(tmp_path))
+    # A ControlNet's blocks are compiled too.
+    assert len(compiled_blocks(stream.controlnets.controlnets[0].model)) > 0
+    got = live_run(stream)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_an_unknown_compile_scope_is_refused_in_one_sentence(tiny):
