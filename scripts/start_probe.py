@@ -1,15 +1,24 @@
-"""Where one start's time goes, and the speed it starts into: one process, phase by phase.
+"""Where one start's time goes, the speed it starts into, and the pauses live changes make.
 
     python scripts/start_probe.py --accel compile --compile-scope model --json model.json
-    python scripts/start_probe.py --accel compile --compile-scope blocks --json blocks.json
+    python scripts/start_probe.py --accel compile --compile-scope blocks --changes --json b.json
 
 Run each twice with the same `SD_BRIDGE_CACHE`: the first start fills the compile cache, the
 second is the warm start a user gets every time after. The script imports the bridge, loads the
 model, builds the pipeline, accelerates it and runs three frames, timing each phase from the
 script's first line (the interpreter's own start-up is not in it), then runs `--frames` more
 frames launched back to back for the frame rate. Dynamo's own counters give how much of the
-start was its bytecode tracing and guard building, and how many graphs it traced. The JSON is
-rewritten after each phase, so a start that dies shows how far it got.
+start was its bytecode tracing and guard building, and how many graphs it traced.
+
+With `--changes` it then makes each live change of `CHANGES` that gives the frame step new shapes
+or branches (the feature bank on and off, the number of steps, the resolution), each new one and
+then again once seen. Under a CUDA graph each captures the step again; under torch.compile a
+shape or branch the process has not run before is traced and compiled first, while a bridge
+would hold its last frame. For each change it reports the first frame after it (the pause a VJ
+sees), the median of the frames that follow, the output's shape, and how many graphs Dynamo
+traced and captures were made for it.
+
+The JSON is rewritten after each phase, so a run that dies shows how far it got.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -32,6 +42,8 @@ from bridge.stream import StreamConfig, StreamDiffusion  # noqa: E402
 IMPORTED = time.perf_counter()
 # Dynamo's phases worth reporting, by their names in `torch._dynamo.utils.compile_times`.
 DYNAMO_PHASES = {"bytecode_tracing": "dynamo_tracing_s", "build_guards": "dynamo_guards_s"}
+# Frames timed after each change, beside the first.
+STEADY_FRAMES = 10
 
 
 class Report(dict):
@@ -41,9 +53,10 @@ class Report(dict):
         super().__init__()
         self.path = Path(path) if path else None
 
-    def put(self, key: str, value) -> None:
+    def put(self, key: str, value, say: bool = True) -> None:
         self[key] = round(value, 3) if isinstance(value, float) else value
-        print(f"{key}: {self[key]}", flush=True)
+        if say:
+            print(f"{key}: {self[key]}", flush=True)
         if self.path is not None:
             self.path.write_text(json.dumps(self, indent=1))
 
@@ -64,6 +77,67 @@ def dynamo_phases(report: Report) -> None:
     report.put("dynamo_graphs", int(counters["stats"]["unique_graphs"]))
 
 
+def changes(size: int) -> list[tuple[str, dict]]:
+    """Each live change's name and its settings, in order: each change first, then once more."""
+    wider = size + 128
+    return [
+        ("feature bank on", {"feature_bank_size": 1}),
+        ("feature bank off", {"feature_bank_size": 0}),
+        ("feature bank on again", {"feature_bank_size": 1}),
+        ("feature bank off again", {"feature_bank_size": 0}),
+        ("two steps", {"t_index_list": (20, 35)}),
+        ("one step", {"t_index_list": (32,)}),
+        ("two steps again", {"t_index_list": (20, 35)}),
+        ("one step again", {"t_index_list": (32,)}),
+        (f"{wider}x{wider}", {"width": wider, "height": wider}),
+        (f"{size}x{size} again", {"width": size, "height": size}),
+        (f"{wider}x{wider} again", {"width": wider, "height": wider}),
+        (f"{size}x{size} once more", {"width": size, "height": size}),
+    ]
+
+
+def timed_frame(stream: StreamDiffusion, pixels: torch.Tensor) -> tuple[float, list[int]]:
+    """Seconds one frame took, waited for, and the shape of the frame that came out."""
+    started = time.perf_counter()
+    out = stream.img2img(pixels)
+    synchronize(stream.device)
+    return time.perf_counter() - started, list(out.shape)
+
+
+def frame_like(stream: StreamDiffusion) -> torch.Tensor:
+    """A random frame at the stream's current size, on its device."""
+    shape = (1, stream.config.height, stream.config.width, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8).to(stream.device)
+
+
+def captures(stream: StreamDiffusion) -> int:
+    return 0 if stream.accelerator is None else stream.accelerator.captures
+
+
+def live_changes(stream: StreamDiffusion, size: int, report: Report) -> None:
+    """Make each change of `changes` and report what the frames after it took."""
+    from torch._dynamo.utils import counters
+
+    done: list[dict] = []
+    for name, settings in changes(size):
+        graphs, captured = counters["stats"]["unique_graphs"], captures(stream)
+        stream.update(**settings)
+        pixels = frame_like(stream)
+        first, shape = timed_frame(stream, pixels)
+        steady = [timed_frame(stream, pixels)[0] for _ in range(STEADY_FRAMES)]
+        entry = {
+            "change": name,
+            "output_shape": shape,
+            "first_frame_s": round(first, 4),
+            "steady_ms": round(statistics.median(steady) * 1000, 3),
+            "graphs_traced": counters["stats"]["unique_graphs"] - graphs,
+            "captures": captures(stream) - captured,
+        }
+        done.append(entry)
+        print(json.dumps(entry), flush=True)
+        report.put("changes", done, say=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:sd-turbo")
@@ -72,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-scope", default="model", choices=COMPILE_SCOPES)
     parser.add_argument("--frames", type=int, default=300, help="frames timed after the start")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--changes", action="store_true", help="then time each live change")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -94,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     synchronize(device)
     report.put("accelerate_s", time.perf_counter() - started)
 
-    pixels = torch.randint(0, 256, (1, args.size, args.size, 3), dtype=torch.uint8).to(device)
+    pixels = frame_like(stream)
     with torch.inference_mode():
         for index in range(3):
             started = time.perf_counter()
@@ -108,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.img2img(pixels)
         synchronize(device)
         report.put("fps_back_to_back", args.frames / (time.perf_counter() - started))
+        if args.changes:
+            live_changes(stream, args.size, report)
     if device.type == "cuda":
         report.put("peak_memory_mb", torch.cuda.max_memory_allocated(device) / 2**20)
     return 0

@@ -1,0 +1,48 @@
+"""`scripts/start_probe.py` as smoke runs: synthetic:tiny on the CPU, uncompiled.
+
+The figures mean nothing here; the tests check that everything a GPU run is read for is
+reported, in the JSON file as well as on the way.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.runtime.helpers import run_script
+
+
+def test_the_start_probe_times_each_phase_and_the_frames_after(tmp_path):
+    figures = tmp_path / "start.json"
+    arguments = [
+        "--model", "synthetic:tiny", "--size", "64", "--accel", "none",
+        "--compile-scope", "blocks", "--frames", "4", "--json", str(figures),
+    ]  # fmt: skip
+    done = run_script("start_probe.py", arguments, tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(figures.read_text())
+    assert report["settings"]["compile_scope"] == "blocks"
+    phases = ["import_s", "load_s", "accelerate_s", "frame0_s", "frame1_s", "frame2_s"]
+    assert all(report[phase] > 0 for phase in phases)
+    assert report["to_third_frame_s"] >= sum(report[phase] for phase in phases)
+    assert report["dynamo_graphs"] == 0  # accel none traces nothing
+    assert report["fps_back_to_back"] > 0
+    assert "fps_back_to_back: " in done.stdout
+
+
+def test_the_start_probe_times_the_frames_after_each_live_change(tmp_path):
+    figures = tmp_path / "changes.json"
+    arguments = ["--model", "synthetic:tiny", "--size", "64", "--accel", "none", "--frames", "2"]
+    done = run_script("start_probe.py", [*arguments, "--changes", "--json", str(figures)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(figures.read_text())
+    names = [entry["change"] for entry in report["changes"]]
+    assert names[:2] == ["feature bank on", "feature bank off"]
+    assert names[-4:] == ["192x192", "64x64 again", "192x192 again", "64x64 once more"]
+    for entry in report["changes"]:
+        assert entry["first_frame_s"] > 0 and entry["steady_ms"] > 0
+        assert entry["graphs_traced"] == 0 and entry["captures"] == 0  # accel none
+    # The resolution changes really resized the frames that came out.
+    shapes = [entry["output_shape"] for entry in report["changes"]]
+    assert shapes[-4:] == [[1, 192, 192, 3], [1, 64, 64, 3], [1, 192, 192, 3], [1, 64, 64, 3]]
+    assert shapes[0] == [1, 64, 64, 3]
+    assert '"change": "64x64 once more"' in done.stdout
