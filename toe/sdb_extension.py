@@ -227,6 +227,7 @@ class StreamDiffusionBridgeExt:
             ip_adapter_scale=float(par.Ipadapterscale.eval()),
             precision=str(par.Precision.eval()),
             compile_scope=str(par.Compilescope.eval()),
+            live_compile=bool(par.Livecompile.eval()),
             controlnets=self._controlnet_entries(),
         )
 

@@ -4,6 +4,7 @@ float8 matrix products for the UNet (fp8.py)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "GraphedTextEncoders",
     "accelerate",
     "default_compile_cache",
+    "set_compile_stance",
     "use_compile_cache",
 ]
 
@@ -49,6 +51,7 @@ def accelerate(
     precision: str = "default",
     compile_mode: str = "default",
     compile_scope: str = "model",
+    live_compile: bool = False,
     cache_dir: Path | None = None,
 ) -> StreamDiffusion:
     """Make `stream` faster in place and return it.
@@ -66,6 +69,13 @@ def accelerate(
 
     `compile_scope` says what "compile" compiles: "model", each network whole, or "blocks", each
     network's repeated blocks on their own (regions.py), which compiles and starts sooner.
+
+    Under "compile", what the first frame step runs is compiled; a later live change that brings
+    shapes or branches not compiled yet (the feature bank, the number of steps, the size) would
+    make torch.compile trace and compile again before the next frame, a pause of seconds. With
+    `live_compile` False (the default) such code runs uncompiled instead, inside the CUDA graph:
+    no pause, a slower frame until the compiled shapes return. This is PyTorch's
+    "eager_on_recompile" stance, set for the whole process once the first frame step is captured.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
@@ -90,10 +100,15 @@ def accelerate(
     if precision == "fp8":
         plan = quantize_unet(stream)
         log.info(plan.line())
+    after_first_capture = None
     if mode == "compile":
+        # A stance left by an earlier pipeline of this process would stop this one compiling.
+        set_compile_stance("default")
         _compile(stream, compile_mode, compile_scope, cache_dir or default_compile_cache())
+        if not live_compile:
+            after_first_capture = functools.partial(set_compile_stance, "eager_on_recompile")
     if mode in ("cudagraph", "compile"):
-        stream.accelerator = GraphedFrameStep(stream)
+        stream.accelerator = GraphedFrameStep(stream, after_first_capture=after_first_capture)
         graph_text_encoders(stream.prompts)
     return stream
 
@@ -132,6 +147,14 @@ def _compile(stream: StreamDiffusion, compile_mode: str, scope: str, cache_dir: 
     stream.vae = copy.deepcopy(stream.vae)
     stream.vae.encoder = torch.compile(stream.vae.encoder, **options)
     stream.vae.decoder = torch.compile(stream.vae.decoder, **options)
+
+
+def set_compile_stance(stance: str) -> None:
+    """torch.compile's stance for the whole process ("default", "eager_on_recompile", ...);
+    PyTorch before 2.6 has none and always compiles."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        set_stance(stance)
 
 
 def _controlnets(stream: StreamDiffusion) -> list:

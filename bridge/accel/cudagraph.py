@@ -15,6 +15,7 @@ the generator stands (a re-seed between replays takes effect), as the eager step
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +25,13 @@ from bridge.stream import StreamDiffusion
 class GraphedFrameStep:
     """A drop-in for `StreamDiffusion.frame_step` that captures it once and replays it."""
 
-    def __init__(self, stream: StreamDiffusion, warmup_steps: int = 2) -> None:
+    def __init__(
+        self,
+        stream: StreamDiffusion,
+        warmup_steps: int = 2,
+        after_first_capture: Callable[[], None] | None = None,
+    ) -> None:
+        """`after_first_capture` is called once, when the first capture is made."""
         if stream.device.type != "cuda":
             raise ValueError(
                 f"CUDA graphs need the pipeline on a CUDA device, it is on {stream.device}; "
@@ -32,6 +39,7 @@ class GraphedFrameStep:
             )
         self.stream = stream
         self.warmup_steps = warmup_steps
+        self.after_first_capture = after_first_capture
         self.captures = 0
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -91,3 +99,5 @@ class GraphedFrameStep:
         self._graph = graph
         self._key = key
         self.captures += 1
+        if self.captures == 1 and self.after_first_capture is not None:
+            self.after_first_capture()

@@ -606,6 +606,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="model",
     ),
     _start(
+        name="live_compile",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Under accel compile, a live change to a shape not run since start (feature bank, "
+        "steps, size) is traced and compiled first: a pause of seconds. Off: it runs uncompiled, "
+        "no pause, slower until the start's shape returns.",
+        group="model",
+    ),
+    _start(
         name="width",
         kind=Kind.INT,
         default=512,

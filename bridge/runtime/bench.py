@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bridge.accel import COMPILE_SCOPES, PRECISIONS, accelerate
+from bridge.accel import COMPILE_SCOPES, PRECISIONS, accelerate, set_compile_stance
 from bridge.accel.fp8 import converted_layers, layer_group, shared_copy, unet_error, unet_inputs
 from bridge.models import load_components
 from bridge.stream import ControlNet, PromptEncoder, StreamConfig, StreamDiffusion
@@ -695,9 +695,11 @@ def _release(device: torch.device) -> None:
 
     Dynamo's traces go too: it keeps them per Python function for the whole process, so the
     blocks of one case would otherwise count against the recompile limit of the next, and a run
-    would start with the traces of the run before it.
+    would start with the traces of the run before it. So does the stance a compile run leaves
+    (see `accelerate`), under which the next run would not compile its new shapes.
     """
     torch._dynamo.reset()
+    set_compile_stance("default")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -255,11 +255,15 @@ def _build_engine(
         if settings.compile_scope != "model" and accel.mode == "compile":
             scope = f", compiling {settings.compile_scope}"
         say(accel.line() + precision + scope)
-        if settings.compile_scope != "model" and accel.mode != "compile":
-            say(
-                f'note: compile scope "{settings.compile_scope}" has no effect: accel is '
-                f"{accel.mode}, not compile."
-            )
+        unused = []  # settings that only torch.compile reads
+        if settings.compile_scope != "model":
+            unused.append(f'compile scope "{settings.compile_scope}"')
+        if settings.live_compile:
+            unused.append("live compile")
+        if unused and accel.mode != "compile":
+            verb = "has" if len(unused) == 1 else "have"
+            named = " and ".join(unused)
+            say(f"note: {named} {verb} no effect: accel is {accel.mode}, not compile.")
     with torch.inference_mode():
         stream = accelerate(
             StreamDiffusion(
@@ -272,6 +276,7 @@ def _build_engine(
             accel.mode,
             precision=settings.precision,
             compile_scope=settings.compile_scope,
+            live_compile=settings.live_compile,
         )
     controls.attach(stream.controlnets)
 

@@ -20,10 +20,11 @@ TINY = ("--model", "synthetic:tiny", "--width", "64", "--height", "64")
 @pytest.fixture(scope="module")
 def cpu_start(tmp_path_factory) -> list[str]:
     """The lines a start on the CPU with the default accel prints, until it stops after three
-    frames. Its settings file asks for a compile scope, which accel none cannot use."""
+    frames. Its settings file asks for a compile scope and live compiling, which accel none
+    cannot use."""
     cache = tmp_path_factory.mktemp("start")
     config = cache / "settings.toml"
-    config.write_text('compile_scope = "blocks"\n')
+    config.write_text('compile_scope = "blocks"\nlive_compile = true\n')
     arguments = [*TINY, "--device", "cpu", "--output", "null", "--frames", "3", "--no-osc"]
     arguments += ["--config", str(config)]
     result = subprocess.run(
@@ -44,12 +45,10 @@ def test_the_default_accel_on_the_cpu_is_none_said_once_with_why(cpu_start):
     ]
 
 
-def test_a_compile_scope_without_compile_is_said_to_have_no_effect(cpu_start):
+def test_compile_settings_without_compile_are_said_to_have_no_effect(cpu_start):
     accel = next(i for i, line in enumerate(cpu_start) if line.startswith("accel"))
-    assert (
-        cpu_start[accel + 1]
-        == 'note: compile scope "blocks" has no effect: accel is none, not compile.'
-    )
+    note = 'compile scope "blocks" and live compile have no effect: accel is none, not compile.'
+    assert cpu_start[accel + 1] == f"note: {note}"
     assert "compiling" not in cpu_start[accel]
 
 
