@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from bridge.accel import set_compile_stance
 from bridge.control import OscClient, OscServer, ParamStore
 
 # One intra-op thread for torch here and, through the environment, in every bridge process a
@@ -25,6 +26,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def default_compile_stance() -> Iterator[None]:
+    """Every test starts with torch.compile's default stance: an accelerated pipeline leaves the
+    process in "eager_on_recompile" (see bridge.accel.accelerate), under which a later test's
+    new shapes would run uncompiled."""
+    yield
+    set_compile_stance("default")
 
 
 @pytest.fixture
