@@ -68,7 +68,7 @@ def accelerate(
     model's dtype.
 
     `compile_scope` says what "compile" compiles: "model", each network whole, or "blocks", each
-    network's repeated blocks on their own (regions.py), which compiles and starts sooner.
+    network's repeated blocks on their own (regions.py), which traces and compiles less.
 
     Under "compile", what the first frame step runs is compiled; a later live change that brings
     shapes or branches not compiled yet (the feature bank, the number of steps, the size) would

@@ -11,11 +11,11 @@ import json
 from tests.runtime.helpers import run_script
 
 
-def test_the_start_probe_times_each_phase_and_the_frames_after(tmp_path):
+def test_the_start_probe_times_each_phase_then_the_frames_after_each_live_change(tmp_path):
     figures = tmp_path / "start.json"
     arguments = [
         "--model", "synthetic:tiny", "--size", "64", "--accel", "none",
-        "--compile-scope", "blocks", "--frames", "4", "--json", str(figures),
+        "--compile-scope", "blocks", "--frames", "4", "--changes", "--json", str(figures),
     ]  # fmt: skip
     done = run_script("start_probe.py", arguments, tmp_path)
     assert done.returncode == 0, done.stderr
@@ -28,13 +28,6 @@ def test_the_start_probe_times_each_phase_and_the_frames_after(tmp_path):
     assert report["fps_back_to_back"] > 0
     assert "fps_back_to_back: " in done.stdout
 
-
-def test_the_start_probe_times_the_frames_after_each_live_change(tmp_path):
-    figures = tmp_path / "changes.json"
-    arguments = ["--model", "synthetic:tiny", "--size", "64", "--accel", "none", "--frames", "2"]
-    done = run_script("start_probe.py", [*arguments, "--changes", "--json", str(figures)], tmp_path)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(figures.read_text())
     names = [entry["change"] for entry in report["changes"]]
     assert names[:2] == ["feature bank on", "feature bank off"]
     assert names[-4:] == ["192x192", "64x64 again", "192x192 again", "64x64 once more"]
