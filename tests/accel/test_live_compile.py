@@ -62,8 +62,9 @@ def after_changes(
 
 @pytest.mark.parametrize(
     ("stance", "scope"),
-    # The default stance, which live_compile keeps, shows that the count below can fail.
-    [("eager_on_recompile", "model"), ("eager_on_recompile", "blocks"), ("default", "blocks")],
+    # The default stance, which live_compile keeps, shows that the count below can fail. The
+    # whole-model scope, the default, is covered on the GPU below, through accelerate itself.
+    [("eager_on_recompile", "blocks"), ("default", "blocks")],
 )
 def test_new_shapes_after_the_first_frames_run_uncompiled_unless_live_compile(
     tiny, tmp_path, monkeypatch, scope, stance
