@@ -13,10 +13,10 @@ start was its bytecode tracing and guard building, and how many graphs it traced
 With `--changes` it then makes each live change of `CHANGES` that gives the frame step new shapes
 or branches (the feature bank on and off, the number of steps, the resolution), each new one and
 then again once seen. Under a CUDA graph each captures the step again. Under torch.compile a
-shape or branch not run since the start runs uncompiled, or with `--live-compile` is traced and
-compiled first, while a bridge would hold its last frame. For each change it reports the first
-frame after it (the pause a VJ sees), the median of the frames that follow, the output's shape,
-and how many graphs Dynamo traced and captures were made for it.
+shape or branch not run since the start is traced and compiled first, while a bridge would
+hold its last frame, or with `--no-live-compile` runs uncompiled. For each change it reports
+the first frame after it (the pause a VJ sees), the median of the frames that follow, the
+output's shape, and how many graphs Dynamo traced and captures were made for it.
 
 The JSON is rewritten after each phase, so a run that dies shows how far it got.
 """
@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--changes", action="store_true", help="then time each live change")
     parser.add_argument(
-        "--live-compile", action="store_true", help="compile the changes' new shapes first"
+        "--no-live-compile",
+        dest="live_compile",
+        action="store_false",
+        help="run the changes' new shapes uncompiled instead of compiling them first",
     )
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)

@@ -193,7 +193,7 @@ def _add_parameters(comp) -> None:
     _menu(page, "Accel", "Acceleration", ("auto", "none", "cudagraph", "compile"), "auto")
     _menu(page, "Precision", "UNet precision", ("default", "fp8"), "default")
     _menu(page, "Compilescope", "Compile scope", ("model", "blocks"), "model")
-    _toggle(page, "Livecompile", "Compile live changes", False)
+    _toggle(page, "Livecompile", "Compile live changes", True)
     _menu(page, "Transport", "Transport", ("auto", "spout", "shm", "ndi"), "auto")
     _string(page, "Streamname", "Stream name", "sdbridge")
     _toggle(page, "Streaming", "Send and receive frames", True)

@@ -70,7 +70,7 @@ class BridgeSettings:
     """The UNet's matrix products: "default" (the model's dtype) or "fp8" (Ada, Hopper GPUs)."""
     compile_scope: str = "model"
     """What accel compile compiles: "model" (each network whole) or "blocks" (repeated blocks)."""
-    live_compile: bool = False
+    live_compile: bool = True
     """Compile a live change's new shapes (a pause) rather than run them uncompiled."""
     controlnets: Sequence[str] = ()
     """`controlnet` entries, MODEL@SOURCE@SCALE; their values then change live."""
@@ -112,8 +112,8 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         command.append(f"--negative-prompt={settings.negative_prompt}")
     if settings.similarity_filter:
         command.append("--similarity-filter")
-    if settings.live_compile:
-        command.append("--live-compile")
+    if not settings.live_compile:
+        command.append("--no-live-compile")
     command += [f"--lora={path}:{scale}" for path, scale in settings.loras]
     if settings.ip_adapter:
         command += [

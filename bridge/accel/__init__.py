@@ -51,7 +51,7 @@ def accelerate(
     precision: str = "default",
     compile_mode: str = "default",
     compile_scope: str = "model",
-    live_compile: bool = False,
+    live_compile: bool = True,
     cache_dir: Path | None = None,
 ) -> StreamDiffusion:
     """Make `stream` faster in place and return it.
@@ -71,11 +71,12 @@ def accelerate(
     network's repeated blocks on their own (regions.py), which traces and compiles less.
 
     Under "compile", what the first frame step runs is compiled; a later live change that brings
-    shapes or branches not compiled yet (the feature bank, the number of steps, the size) would
-    make torch.compile trace and compile again before the next frame, a pause of seconds. With
-    `live_compile` False (the default) such code runs uncompiled instead, inside the CUDA graph:
-    no pause, a slower frame until the compiled shapes return. This is PyTorch's
-    "eager_on_recompile" stance, set for the whole process once the first frame step is captured.
+    shapes or branches not compiled yet (the feature bank, the number of steps, the size) makes
+    torch.compile trace and compile again before the next frame, a pause of seconds. With
+    `live_compile` False such code runs uncompiled instead, inside the CUDA graph: no pause, a
+    slower frame until the compiled shapes return. This is PyTorch's "eager_on_recompile" stance,
+    set for the whole process once the first frame step is captured; so settings that change the
+    shapes belong in the start settings then, not in OSC messages sent just after the start.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")

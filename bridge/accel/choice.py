@@ -73,12 +73,14 @@ def try_compile(device: Any) -> str | None:
     the error's first line."""
     import torch
 
-    from bridge.accel import use_compile_cache
+    from bridge.accel import set_compile_stance, use_compile_cache
 
     def double_plus_one(x: torch.Tensor) -> torch.Tensor:
         return x * 2 + 1
 
     use_compile_cache()
+    # An earlier pipeline of this process may have left a stance that does not compile.
+    set_compile_stance("default")
     try:
         x = torch.arange(8, device=device, dtype=torch.float32)
         result = torch.compile(double_plus_one, dynamic=False)(x)

@@ -608,10 +608,10 @@ START_SETTINGS: tuple[Param, ...] = (
     _start(
         name="live_compile",
         kind=Kind.BOOL,
-        default=False,
+        default=True,
         effect="Under accel compile, a live change to a shape not run since start (feature bank, "
-        "steps, size) is traced and compiled first: a pause of seconds. Off: it runs uncompiled, "
-        "no pause, slower until the start's shape returns.",
+        "steps, size) is compiled first: a pause of seconds. Off: it runs uncompiled, no pause, "
+        "slower until the start's shape returns.",
         group="model",
     ),
     _start(

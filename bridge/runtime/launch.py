@@ -258,8 +258,8 @@ def _build_engine(
         unused = []  # settings that only torch.compile reads
         if settings.compile_scope != "model":
             unused.append(f'compile scope "{settings.compile_scope}"')
-        if settings.live_compile:
-            unused.append("live compile")
+        if not settings.live_compile:
+            unused.append("live compile off")
         if unused and accel.mode != "compile":
             verb = "has" if len(unused) == 1 else "have"
             named = " and ".join(unused)

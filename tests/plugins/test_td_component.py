@@ -145,7 +145,7 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
     assert comp.par.Precision.eval() == "default"
     assert comp.par.Compilescope.menuNames == list(SETTINGS_BY_KEY["compile_scope"].choices)
     assert comp.par.Compilescope.eval() == "model"
-    assert comp.par.Livecompile.eval() is False
+    assert comp.par.Livecompile.eval() is True
     assert (comp.par.Resolutionw.eval(), comp.par.Resolutionh.eval()) == (512, 512)
     status = comp.customPages[2].pars
     assert [par.name for par in status] == [

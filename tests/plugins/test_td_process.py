@@ -42,7 +42,7 @@ SETTINGS = sdb_process.BridgeSettings(
     max_skip_frames=4,
     precision="fp8",
     compile_scope="blocks",
-    live_compile=True,
+    live_compile=False,
 )
 
 
@@ -51,7 +51,7 @@ def test_the_command_line_is_read_by_the_bridge_as_the_settings_say() -> None:
     assert run.input == "shm:stage-in"
     assert run.output == ["shm:stage-out"]
     assert (run.model, run.vae, run.accel) == ("synthetic:tiny", "model", "none")
-    assert (run.precision, run.compile_scope, run.live_compile) == ("fp8", "blocks", True)
+    assert (run.precision, run.compile_scope, run.live_compile) == ("fp8", "blocks", False)
     assert (run.width, run.height) == (64, 96)
     assert (run.osc_host, run.osc_port, run.osc_feedback) == ("127.0.0.1", 7100, ["127.0.0.1:7101"])
     assert run.prompt == "-a forest, oil on canvas"
