@@ -72,6 +72,9 @@ class BridgeSettings:
     """What accel compile compiles: "model" (each network whole) or "blocks" (repeated blocks)."""
     live_compile: bool = True
     """Compile a live change's new shapes (a pause) rather than run them uncompiled."""
+    feature_bank_size: int = 0
+    """Frames of the feature bank at start: it changes the UNet's shapes, so it goes on the
+    command line, where the first compile sees it, and not only over OSC just after."""
     controlnets: Sequence[str] = ()
     """`controlnet` entries, MODEL@SOURCE@SCALE; their values then change live."""
 
@@ -96,6 +99,7 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         f"--accel={settings.accel}",
         f"--precision={settings.precision}",
         f"--compile-scope={settings.compile_scope}",
+        f"--feature-bank-size={settings.feature_bank_size}",
         "--osc-host=127.0.0.1",
         f"--osc-port={settings.osc_port}",
         f"--osc-feedback=127.0.0.1:{settings.feedback_port}",
