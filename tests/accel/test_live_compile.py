@@ -1,13 +1,13 @@
 """`live_compile`: what a live change to shapes not compiled yet does under torch.compile.
 
 On the CPU the networks are compiled as `accelerate` compiles them (`_compile`), with Dynamo's
-"eager" backend in place of Inductor, and the stance `accelerate` sets after the first capture
-is set by hand (the capture needs CUDA). The GPU test runs the whole of `accelerate`.
+"eager" backend in place of Inductor (conftest.py), and the stance `accelerate` sets after the
+first capture is set by hand (the capture needs CUDA). The GPU test runs the whole of
+`accelerate`. tests/conftest.py puts the default stance back after every test.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,6 @@ CHANGES = (
     {"width": SIZE + 32, "height": SIZE + 32},
     {"t_index_list": (32,), "feature_bank_size": 0, "width": SIZE, "height": SIZE},
 )
-
-
-@pytest.fixture
-def tiny():
-    torch._dynamo.reset()
-    yield load_components("synthetic:tiny", vae="tiny")
-    set_compile_stance("default")
-    torch._dynamo.reset()
 
 
 def picture(stream: StreamDiffusion) -> np.ndarray:
@@ -73,11 +65,10 @@ def after_changes(
     [("eager_on_recompile", "blocks"), ("default", "blocks")],
 )
 def test_new_shapes_after_the_first_frames_run_uncompiled_unless_live_compile(
-    tiny, tmp_path, monkeypatch, scope, stance
+    tiny, tmp_path, eager_compile, scope, stance
 ):
     compiled = StreamDiffusion(tiny, CONFIG, prompt="a fox")
     eager = StreamDiffusion(tiny, CONFIG, prompt="a fox")
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     _compile(compiled, "default", scope, Path(tmp_path))
     with torch.inference_mode():
         assert np.array_equal(compiled(picture(eager)), eager(picture(eager)))
@@ -103,21 +94,18 @@ def test_accelerate_compiles_live_changes_only_when_asked(tmp_path, live_compile
         cache_dir=tmp_path,
     )
     eager = StreamDiffusion(components, CONFIG, prompt="a fox")
-    try:
-        with torch.inference_mode():
-            first = picture(eager)
-            assert levels_apart(compiled(first), eager(first)) <= 3
-        captures = compiled.accelerator.captures
-        traced = counters["stats"]["unique_graphs"]
-        with torch.inference_mode():
-            for change in CHANGES:
-                compiled.update(**change)
-                eager.update(**change)
-                frame = picture(eager)
-                for _ in range(2):
-                    assert levels_apart(compiled(frame), eager(frame)) <= 3
-        assert compiled.accelerator.captures == captures + len(CHANGES)
-        traced = counters["stats"]["unique_graphs"] - traced
-        assert traced > 0 if live_compile else traced == 0
-    finally:
-        set_compile_stance("default")
+    with torch.inference_mode():
+        first = picture(eager)
+        assert levels_apart(compiled(first), eager(first)) <= 3
+    captures = compiled.accelerator.captures
+    traced = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for change in CHANGES:
+            compiled.update(**change)
+            eager.update(**change)
+            frame = picture(eager)
+            for _ in range(2):
+                assert levels_apart(compiled(frame), eager(frame)) <= 3
+    assert compiled.accelerator.captures == captures + len(CHANGES)
+    traced = counters["stats"]["unique_graphs"] - traced
+    assert traced > 0 if live_compile else traced == 0

@@ -1,7 +1,6 @@
 """Compiling repeated blocks (`compile_scope` "blocks", bridge/accel/regions.py) on the CPU.
 
-Dynamo traces for real here; the blocks are compiled with its "eager" backend, which runs the
-traced graphs as PyTorch ops, because Inductor's code generation takes minutes on two cores. The
+Dynamo traces for real here; the blocks are compiled with its "eager" backend (see conftest.py). The
 same blocks through Inductor, inside a CUDA graph, are tested on a GPU by the "blocks" cases of
 test_cudagraph.py and test_graph_lora.py.
 """
@@ -9,7 +8,6 @@ test_cudagraph.py and test_graph_lora.py.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ from torch._dynamo.utils import counters
 
 from bridge.accel import _compile, accelerate
 from bridge.accel.regions import REGION_CLASSES, compile_regions
-from bridge.models import load_components
 from bridge.models.controlnet import load_controlnet
 from bridge.models.ip_adapter import load_ip_adapter
 from bridge.models.live_lora import load_live_loras
@@ -31,13 +28,6 @@ from bridge.stream.ip_adapter import install
 
 EAGER = {"backend": "eager", "dynamic": False}
 SIZE = 64
-
-
-@pytest.fixture
-def tiny():
-    torch._dynamo.reset()
-    yield load_components("synthetic:tiny", vae="tiny")
-    torch._dynamo.reset()
 
 
 def unet_inputs(unet) -> tuple[tuple, dict]:
@@ -129,7 +119,7 @@ def latents(stream: StreamDiffusion, count: int) -> list[torch.Tensor]:
 
 
 def test_live_changes_of_a_controlnet_an_ip_adapter_and_the_feature_bank_reach_the_blocks(
-    tiny, tmp_path, monkeypatch
+    tiny, tmp_path, eager_compile
 ):
     cache = tmp_path / "models"
     loaded = tiny
@@ -179,10 +169,9 @@ def test_live_changes_of_a_controlnet_an_ip_adapter_and_the_feature_bank_reach_t
         moved = (fewer[index + 2] - expected[index + 2]).abs().max().item()
         # The runs are equal bit for bit up to the change (above), so any difference is its own.
         assert moved > 0, f"change {index} did not move the next frame's latents"
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     stream = pipeline()
     # What accelerate(stream, "compile", compile_scope="blocks") runs, with Dynamo's eager
-    # backend in place of Inductor.
+    # backend in place of Inductor (the eager_compile fixture).
     _compile(stream, "default", "blocks", Path(tmp_path))
     assert stream.unet is not tiny.unet and stream.vae is not tiny.vae
     assert len(compiled_blocks(stream.unet)) == 12 and len(compiled_blocks(stream.vae)) == 8

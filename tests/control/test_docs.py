@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from bridge.control import PARAMS, osc_table_markdown
+from tests.runtime.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_generator():
-    """Import scripts/gen_osc_doc.py, which is not part of the package."""
-    path = ROOT / "scripts" / "gen_osc_doc.py"
-    spec = importlib.util.spec_from_file_location("gen_osc_doc", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docs_table_is_the_generated_one() -> None:
-    generator = load_generator()
+    generator = load_script("gen_osc_doc.py")
     text = (ROOT / "docs" / "osc.md").read_text(encoding="utf-8")
     assert generator.with_table(text, osc_table_markdown()) == text, (
         "docs/osc.md is out of date; run python scripts/gen_osc_doc.py"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -41,6 +42,15 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def load_script(script: str):
+    """Import scripts/<script> in this process; the scripts are not part of the package."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "scripts" / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_bench(tmp_path: Path, monkeypatch, *arguments: str) -> list[dict]:

@@ -7,20 +7,9 @@ reported, in the JSON file as well as on the way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "start_probe.py"
-
-
-def load_probe():
-    """Import scripts/start_probe.py, which is not part of the package."""
-    spec = importlib.util.spec_from_file_location("start_probe", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.runtime.helpers import load_script
 
 
 def test_the_start_probe_times_each_phase_then_the_frames_after_each_live_change(tmp_path, capsys):
@@ -29,7 +18,7 @@ def test_the_start_probe_times_each_phase_then_the_frames_after_each_live_change
         "--model", "synthetic:tiny", "--size", "64", "--accel", "none", "--device", "cpu",
         "--compile-scope", "blocks", "--frames", "4", "--changes", "--json", str(figures),
     ]  # fmt: skip
-    assert load_probe().main(arguments) == 0
+    assert load_script("start_probe.py").main(arguments) == 0
     printed = capsys.readouterr().out
     report = json.loads(figures.read_text())
     assert report["settings"]["compile_scope"] == "blocks"
