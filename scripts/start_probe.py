@@ -34,6 +34,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch._dynamo.utils import compile_times, counters  # noqa: E402
 
 from bridge.accel import COMPILE_SCOPES, accelerate  # noqa: E402
 from bridge.models import load_components  # noqa: E402
@@ -69,8 +70,6 @@ def synchronize(device: torch.device) -> None:
 def dynamo_phases(report: Report, graphs_before: int) -> None:
     """Dynamo's own seconds per phase, summed over every graph it traced in this process, and
     how many graphs it traced since `graphs_before` were counted."""
-    from torch._dynamo.utils import compile_times, counters
-
     times = compile_times(repr="raw", aggregate=True) or {}
     for name, key in DYNAMO_PHASES.items():
         if name in times:
@@ -117,8 +116,6 @@ def captures(stream: StreamDiffusion) -> int:
 
 def live_changes(stream: StreamDiffusion, size: int, report: Report) -> None:
     """Make each change of `changes` and report what the frames after it took."""
-    from torch._dynamo.utils import counters
-
     done: list[dict] = []
     for name, settings in changes(size):
         graphs, captured = counters["stats"]["unique_graphs"], captures(stream)
@@ -161,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.json)
     report.put("settings", vars(args) | {"torch": torch.__version__})
     report.put("import_s", IMPORTED - STARTED)
-    from torch._dynamo.utils import counters
-
     graphs_before = int(counters["stats"]["unique_graphs"])
 
     started = time.perf_counter()
@@ -182,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = frame_like(stream)
     with torch.inference_mode():
         for index in range(3):
-            started = time.perf_counter()
-            stream.img2img(pixels)
-            synchronize(device)
-            report.put(f"frame{index}_s", time.perf_counter() - started)
+            report.put(f"frame{index}_s", timed_frame(stream, pixels)[0])
         report.put("to_third_frame_s", time.perf_counter() - STARTED)
         dynamo_phases(report, graphs_before)
         started = time.perf_counter()
