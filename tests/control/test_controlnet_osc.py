@@ -10,7 +10,7 @@ from bridge.control import OscClient, OscServer, ParamStore
 from bridge.control.params import PARAMS, family_table_markdown
 from bridge.runtime.controlnets import ControlNetEntry, controlnet_families
 from tests.control.helpers import receive_all
-from tests.control.test_docs import ROOT, load_generator
+from tests.runtime.helpers import ROOT, load_script
 
 ADDRESSES = [
     "/sd/controlnet/0/scale",
@@ -123,7 +123,7 @@ def test_the_docs_table_has_a_row_per_family_and_enable_re_captures():
 
 
 def test_docs_osc_md_carries_the_generated_family_table():
-    generator = load_generator()
+    generator = load_script("gen_osc_doc.py")
     text = (ROOT / "docs" / "osc.md").read_text(encoding="utf-8")
     start, end = generator.FAMILY_START, generator.FAMILY_END
     assert generator.with_table(text, family_table_markdown(), start, end) == text, (

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bridge.control import PARAMS, osc_table_markdown
-from tests.runtime.helpers import load_script
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.runtime.helpers import ROOT, load_script
 
 
 def test_docs_table_is_the_generated_one() -> None:
