@@ -18,6 +18,10 @@ hold its last frame, or with `--no-live-compile` runs uncompiled. For each chang
 the first frame after it (the pause a VJ sees), the median of the frames that follow, the
 output's shape, and how many graphs Dynamo traced and captures were made for it.
 
+With `--background-compile` the first frames run uncompiled while a thread compiles; the probe
+then runs frames until the compiled networks take over and reports when that was, and the frame
+rate and slowest frame meanwhile.
+
 The JSON is rewritten after each phase, so a run that dies shows how far it got.
 """
 
@@ -45,6 +49,8 @@ IMPORTED = time.perf_counter()
 DYNAMO_PHASES = {"bytecode_tracing": "dynamo_tracing_s", "build_guards": "dynamo_guards_s"}
 # Frames timed after each change, beside the first.
 STEADY_FRAMES = 10
+# A bound on the frames run while the background compile works (minutes of frames).
+MAX_FRAMES_WHILE_COMPILING = 100_000
 
 
 class Report(dict):
@@ -74,6 +80,9 @@ def dynamo_phases(report: Report, graphs_before: int) -> None:
     for name, key in DYNAMO_PHASES.items():
         if name in times:
             report.put(key, float(times[name]))
+    # The phases' names change between PyTorch versions: the largest ones, whatever they are.
+    largest = sorted(times.items(), key=lambda item: -float(item[1]))[:8]
+    report.put("dynamo_largest_s", {name: round(float(value), 2) for name, value in largest})
     report.put("dynamo_graphs", int(counters["stats"]["unique_graphs"]) - graphs_before)
 
 
@@ -136,6 +145,18 @@ def live_changes(stream: StreamDiffusion, size: int, report: Report) -> None:
         report.put("changes", done, say=False)
 
 
+def until_compiled(stream: StreamDiffusion, pixels: torch.Tensor, report: Report) -> None:
+    """Frames, each waited for, until the background compile's networks have taken over."""
+    times = []
+    started = time.perf_counter()
+    while stream.accelerator.compiling and len(times) < MAX_FRAMES_WHILE_COMPILING:
+        times.append(timed_frame(stream, pixels)[0])
+    report.put("compiled_at_s", time.perf_counter() - STARTED)
+    report.put("frames_while_compiling", len(times))
+    report.put("fps_while_compiling", len(times) / (time.perf_counter() - started))
+    report.put("slowest_frame_while_compiling_s", max(times))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:sd-turbo")
@@ -150,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         dest="live_compile",
         action="store_false",
         help="run the changes' new shapes uncompiled instead of compiling them first",
+    )
+    parser.add_argument(
+        "--background-compile",
+        action="store_true",
+        help="serve uncompiled frames while compiling; report when the compiled ones take over",
     )
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -170,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         width=args.size, height=args.size, t_index_list=(32,), cfg_type="none", seed=1
     )
     stream = StreamDiffusion(components, config, prompt="a fox in the snow")
-    accelerate(stream, args.accel, compile_scope=args.compile_scope, live_compile=args.live_compile)
+    accelerate(
+        stream,
+        args.accel,
+        compile_scope=args.compile_scope,
+        live_compile=args.live_compile,
+        compile_in_background=args.background_compile,
+    )
     synchronize(device)
     report.put("accelerate_s", time.perf_counter() - started)
 
@@ -179,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(3):
             report.put(f"frame{index}_s", timed_frame(stream, pixels)[0])
         report.put("to_third_frame_s", time.perf_counter() - STARTED)
+        if getattr(stream.accelerator, "compiling", False):
+            until_compiled(stream, pixels, report)
         dynamo_phases(report, graphs_before)
         started = time.perf_counter()
         for _ in range(args.frames):

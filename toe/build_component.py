@@ -194,6 +194,7 @@ def _add_parameters(comp) -> None:
     _menu(page, "Precision", "UNet precision", ("default", "fp8"), "default")
     _menu(page, "Compilescope", "Compile scope", ("model", "blocks"), "model")
     _toggle(page, "Livecompile", "Compile live changes", True)
+    _toggle(page, "Backgroundcompile", "Compile in the background", False)
     _menu(page, "Transport", "Transport", ("auto", "spout", "shm", "ndi"), "auto")
     _string(page, "Streamname", "Stream name", "sdbridge")
     _toggle(page, "Streaming", "Send and receive frames", True)

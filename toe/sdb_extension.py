@@ -228,6 +228,7 @@ class StreamDiffusionBridgeExt:
             precision=str(par.Precision.eval()),
             compile_scope=str(par.Compilescope.eval()),
             live_compile=bool(par.Livecompile.eval()),
+            background_compile=bool(par.Backgroundcompile.eval()),
             feature_bank_size=int(par.Banksize.eval()),
             controlnets=self._controlnet_entries(),
         )

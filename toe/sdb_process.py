@@ -72,6 +72,8 @@ class BridgeSettings:
     """What accel compile compiles: "model" (each network whole) or "blocks" (repeated blocks)."""
     live_compile: bool = True
     """Compile a live change's new shapes (a pause) rather than run them uncompiled."""
+    background_compile: bool = False
+    """Send uncompiled frames while compiling, rather than none until the compile is done."""
     feature_bank_size: int = 0
     """Frames of the feature bank at start: it changes the UNet's shapes, so it goes on the
     command line, where the first compile sees it, and not only over OSC just after."""
@@ -118,6 +120,8 @@ def bridge_command(settings: BridgeSettings) -> list[str]:
         command.append("--similarity-filter")
     if not settings.live_compile:
         command.append("--no-live-compile")
+    if settings.background_compile:
+        command.append("--background-compile")
     command += [f"--lora={path}:{scale}" for path, scale in settings.loras]
     if settings.ip_adapter:
         command += [

@@ -7,12 +7,14 @@ import copy
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bridge.stream import StreamDiffusion
 
+from .background import BackgroundCompile, CompiledNetworks
 from .cudagraph import GraphedFrameStep
 from .fp8 import quantize_unet
 from .regions import compile_regions
@@ -52,6 +54,8 @@ def accelerate(
     compile_mode: str = "default",
     compile_scope: str = "model",
     live_compile: bool = True,
+    compile_in_background: bool = False,
+    say: Callable[[str], None] | None = None,
     cache_dir: Path | None = None,
 ) -> StreamDiffusion:
     """Make `stream` faster in place and return it.
@@ -77,6 +81,12 @@ def accelerate(
     slower frame until the compiled shapes return. This is PyTorch's "eager_on_recompile" stance,
     set for the whole process once the first frame step is captured; so settings that change the
     shapes belong in the start settings then, not in OSC messages sent just after the start.
+
+    With `compile_in_background` the first frames do not wait for the compile: they run
+    uncompiled in a CUDA graph while a thread compiles (background.py), and the compiled networks
+    take over between two frames once it is done; `say` is then told so in one sentence. A change
+    of shapes made before that waits for the compile to finish. A feature bank at the start
+    makes the first frame wait for the compile, as without `compile_in_background`.
     """
     if mode not in ACCEL_MODES:
         raise ValueError(f"accel mode {mode!r} is unknown; use one of {', '.join(ACCEL_MODES)}.")
@@ -102,14 +112,23 @@ def accelerate(
         plan = quantize_unet(stream)
         log.info(plan.line())
     after_first_capture = None
+    background = None
     if mode == "compile":
         # A stance left by an earlier pipeline of this process would stop this one compiling.
         set_compile_stance("default")
-        _compile(stream, compile_mode, compile_scope, cache_dir or default_compile_cache())
+        cache_dir = cache_dir or default_compile_cache()
+        networks = _compiled_networks(stream, compile_mode, compile_scope, cache_dir)
+        # The thread cannot make a banked UNet's calls: they read and write the live bank.
+        if compile_in_background and stream.config.feature_bank_size == 0:
+            background = BackgroundCompile(networks, stream.device)
+        else:
+            networks.install()
         if not live_compile:
             after_first_capture = functools.partial(set_compile_stance, "eager_on_recompile")
     if mode in ("cudagraph", "compile"):
-        stream.accelerator = GraphedFrameStep(stream, after_first_capture=after_first_capture)
+        stream.accelerator = GraphedFrameStep(
+            stream, after_first_capture=after_first_capture, background=background, say=say
+        )
         graph_text_encoders(stream.prompts)
     return stream
 
@@ -128,26 +147,45 @@ def use_compile_cache(cache_dir: Path | None = None) -> None:
 
 
 def _compile(stream: StreamDiffusion, compile_mode: str, scope: str, cache_dir: Path) -> None:
+    _compiled_networks(stream, compile_mode, scope, cache_dir).install()
+
+
+def _compiled_networks(
+    stream: StreamDiffusion, compile_mode: str, scope: str, cache_dir: Path
+) -> CompiledNetworks:
+    """Compiled stand-ins for the pipeline's UNet, ControlNets and VAE; their first calls compile.
+
+    Nothing of the pipeline changes until `install`; other pipelines sharing the components keep
+    running the networks as they are, since every stand-in is a new object (the VAE a copy).
+    """
     use_compile_cache(cache_dir)
     options = {"mode": compile_mode, "fullgraph": False, "dynamic": False}
+    controlnets = _controlnets(stream)
     if scope == "blocks":
-        # Copies new only along the way to each block: other pipelines sharing the components
-        # keep running them as they were.
-        stream.unet, blocks = compile_regions(stream.unet, **options)
-        for controlnet in _controlnets(stream):
-            controlnet.model, more = compile_regions(controlnet.model, **options)
+        unet, blocks = compile_regions(stream.unet, **options)
+        models = []
+        for controlnet in controlnets:
+            model, more = compile_regions(controlnet.model, **options)
+            models.append(model)
             blocks += more
-        stream.vae, more = compile_regions(stream.vae, **options)
+        vae, more = compile_regions(stream.vae, **options)
         log.info("compiling %d blocks", blocks + more)
-        return
-    stream.unet = torch.compile(stream.unet, **options)
-    for controlnet in _controlnets(stream):
-        controlnet.model = torch.compile(controlnet.model, **options)
-    # The VAE is copied before its parts are swapped for compiled ones, so other pipelines
-    # sharing the same components keep running it as it was.
-    stream.vae = copy.deepcopy(stream.vae)
-    stream.vae.encoder = torch.compile(stream.vae.encoder, **options)
-    stream.vae.decoder = torch.compile(stream.vae.decoder, **options)
+        encoder, decoder = vae.encoder, vae.decoder
+    else:
+        unet = torch.compile(stream.unet, **options)
+        models = [torch.compile(controlnet.model, **options) for controlnet in controlnets]
+        vae = copy.deepcopy(stream.vae)
+        encoder = vae.encoder = torch.compile(vae.encoder, **options)
+        decoder = vae.decoder = torch.compile(vae.decoder, **options)
+    pairs = [(stream.unet, unet), (stream.vae.encoder, encoder), (stream.vae.decoder, decoder)]
+    pairs += [(c.model, model) for c, model in zip(controlnets, models, strict=True)]
+
+    def install() -> None:
+        stream.unet, stream.vae = unet, vae
+        for controlnet, model in zip(controlnets, models, strict=True):
+            controlnet.model = model
+
+    return CompiledNetworks(pairs, install)
 
 
 def set_compile_stance(stance: str) -> None:

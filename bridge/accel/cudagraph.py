@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from bridge.stream import StreamDiffusion
+
+from .background import BackgroundCompile, adopted
 
 
 class GraphedFrameStep:
@@ -30,8 +33,12 @@ class GraphedFrameStep:
         stream: StreamDiffusion,
         warmup_steps: int = 2,
         after_first_capture: Callable[[], None] | None = None,
+        background: BackgroundCompile | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
-        """`after_first_capture` is called once, when the first capture is made."""
+        """`after_first_capture` is called once, when the first capture is made, or with a
+        `background` compile, the first capture of the compiled networks. `say` hears when those
+        took over."""
         if stream.device.type != "cuda":
             raise ValueError(
                 f"CUDA graphs need the pipeline on a CUDA device, it is on {stream.device}; "
@@ -40,6 +47,8 @@ class GraphedFrameStep:
         self.stream = stream
         self.warmup_steps = warmup_steps
         self.after_first_capture = after_first_capture
+        self.background = background
+        self.say = say
         self.captures = 0
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -47,9 +56,24 @@ class GraphedFrameStep:
         self._static_out: torch.Tensor | None = None
         self._unet_calls_per_step = 0
 
+    @property
+    def compiling(self) -> bool:
+        """True while a background compile is pending or running."""
+        return self.background is not None
+
+    def settle(self) -> None:
+        """Before the networks run outside the graph: wait for a background compile to finish
+        and put its networks in place (background.py says why)."""
+        if self.background is not None and self.background.started:
+            self.background.wait()
+            self._adopt()
+
     def __call__(self, pixels: torch.Tensor, pixel_format: str) -> torch.Tensor:
+        if self.background is not None and self.background.done:
+            self._adopt()
         key = self.stream.graph_key(pixels, pixel_format)
         if key != self._key:
+            self.settle()
             self._capture(pixels, pixel_format, key)
         self._static_in.copy_(pixels, non_blocking=True)
         self._graph.replay()
@@ -68,9 +92,11 @@ class GraphedFrameStep:
         # torch.compile happen outside the graph; the state it advanced is put back afterwards.
         side = torch.cuda.Stream(device=stream.device)
         side.wait_stream(torch.cuda.current_stream(stream.device))
+        record = self.background is not None and not self.background.started
         with torch.cuda.stream(side):
-            for _ in range(self.warmup_steps):
-                stream.frame_step(self._static_in, pixel_format)
+            for step in range(self.warmup_steps):
+                with self.background.recording() if record and step == 0 else nullcontext():
+                    stream.frame_step(self._static_in, pixel_format)
         torch.cuda.current_stream(stream.device).wait_stream(side)
         for tensor, copy in zip(stream.state_tensors(), saved, strict=True):
             tensor.copy_(copy)
@@ -99,5 +125,16 @@ class GraphedFrameStep:
         self._graph = graph
         self._key = key
         self.captures += 1
-        if self.captures == 1 and self.after_first_capture is not None:
+        if record:
+            self.background.start()
+        elif self.background is None and self.after_first_capture is not None:
             self.after_first_capture()
+            self.after_first_capture = None
+
+    def _adopt(self) -> None:
+        """Put the background compile's networks in place; the next frame captures them."""
+        job, self.background = self.background, None
+        if adopted(job, self.say):
+            self._key = None
+        else:
+            self.after_first_capture = None  # its stance is for compiled networks

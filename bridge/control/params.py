@@ -615,6 +615,15 @@ START_SETTINGS: tuple[Param, ...] = (
         group="model",
     ),
     _start(
+        name="background_compile",
+        kind=Kind.BOOL,
+        default=False,
+        effect="Under accel compile, send uncompiled frames (CUDA graph, slower) while compiling "
+        "in the background, rather than none until the compile is done. A feature bank at start "
+        "waits for the compile anyway.",
+        group="model",
+    ),
+    _start(
         name="width",
         kind=Kind.INT,
         default=512,

@@ -260,9 +260,11 @@ def _build_engine(
             unused.append(f'compile scope "{settings.compile_scope}"')
         if not settings.live_compile:
             unused.append("live compile off")
+        if settings.background_compile:
+            unused.append("background compile on")
         if unused and accel.mode != "compile":
             verb = "has" if len(unused) == 1 else "have"
-            named = " and ".join(unused)
+            named = " and ".join([", ".join(unused[:-1]), unused[-1]] if unused[1:] else unused)
             say(f"note: {named} {verb} no effect: accel is {accel.mode}, not compile.")
     with torch.inference_mode():
         stream = accelerate(
@@ -277,6 +279,8 @@ def _build_engine(
             precision=settings.precision,
             compile_scope=settings.compile_scope,
             live_compile=settings.live_compile,
+            compile_in_background=settings.background_compile,
+            say=None if settings.quiet else say,
         )
     controls.attach(stream.controlnets)
 

@@ -338,6 +338,11 @@ class StreamDiffusion:
         if self.accelerator is not None and self.primed and not filling:
             output = self.accelerator(pixels, pixel_format)
         else:
+            # An accelerator compiling the networks on another thread finishes first: the
+            # networks read Python state, such as the bank's switch, that this step sets.
+            settle = getattr(self.accelerator, "settle", None)
+            if settle is not None:
+                settle()
             output = self.frame_step(pixels, pixel_format)
         self._last_output, self._last_format = output, pixel_format
         self.frames_processed += 1

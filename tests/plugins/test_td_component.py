@@ -131,6 +131,7 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
         "Precision",
         "Compilescope",
         "Livecompile",
+        "Backgroundcompile",
         "Transport",
         "Streamname",
         "Streaming",
@@ -146,6 +147,7 @@ def test_the_launch_and_status_pages(comp: td_standin.COMP) -> None:
     assert comp.par.Compilescope.menuNames == list(SETTINGS_BY_KEY["compile_scope"].choices)
     assert comp.par.Compilescope.eval() == "model"
     assert comp.par.Livecompile.eval() is True
+    assert comp.par.Backgroundcompile.eval() is False
     assert (comp.par.Resolutionw.eval(), comp.par.Resolutionh.eval()) == (512, 512)
     status = comp.customPages[2].pars
     assert [par.name for par in status] == [

@@ -43,6 +43,7 @@ SETTINGS = sdb_process.BridgeSettings(
     precision="fp8",
     compile_scope="blocks",
     live_compile=False,
+    background_compile=True,
     feature_bank_size=3,
 )
 
@@ -53,6 +54,7 @@ def test_the_command_line_is_read_by_the_bridge_as_the_settings_say() -> None:
     assert run.output == ["shm:stage-out"]
     assert (run.model, run.vae, run.accel) == ("synthetic:tiny", "model", "none")
     assert (run.precision, run.compile_scope, run.live_compile) == ("fp8", "blocks", False)
+    assert run.background_compile is True
     assert run.feature_bank_size == 3
     assert (run.width, run.height) == (64, 96)
     assert (run.osc_host, run.osc_port, run.osc_feedback) == ("127.0.0.1", 7100, ["127.0.0.1:7101"])

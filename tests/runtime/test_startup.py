@@ -24,7 +24,7 @@ def cpu_start(tmp_path_factory) -> list[str]:
     cannot use."""
     cache = tmp_path_factory.mktemp("start")
     config = cache / "settings.toml"
-    config.write_text('compile_scope = "blocks"\nlive_compile = false\n')
+    config.write_text('compile_scope = "blocks"\nlive_compile = false\nbackground_compile = true\n')
     arguments = [*TINY, "--device", "cpu", "--output", "null", "--frames", "3", "--no-osc"]
     arguments += ["--config", str(config)]
     result = subprocess.run(
@@ -47,7 +47,10 @@ def test_the_default_accel_on_the_cpu_is_none_said_once_with_why(cpu_start):
 
 def test_compile_settings_without_compile_are_said_to_have_no_effect(cpu_start):
     accel = next(i for i, line in enumerate(cpu_start) if line.startswith("accel"))
-    note = 'compile scope "blocks" and live compile off have no effect: accel is none, not compile.'
+    note = (
+        'compile scope "blocks", live compile off and background compile on have no effect: '
+        "accel is none, not compile."
+    )
     assert cpu_start[accel + 1] == f"note: {note}"
     assert "compiling" not in cpu_start[accel]
 
