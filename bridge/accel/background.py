@@ -20,6 +20,7 @@ thread works (`settle`): a change of shapes made during the compile waits for it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -118,36 +119,42 @@ class BackgroundCompile:
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(ready, sys.getswitchinterval()),
-            name="background compile",
-            daemon=True,
+        thread = threading.Thread(
+            target=self._run, args=(ready,), name="background compile", daemon=True
         )
-        sys.setswitchinterval(min(SWITCH_INTERVAL, sys.getswitchinterval()))
-        self._thread.start()
+        _switch_faster(True)
+        try:
+            thread.start()
+        except BaseException:
+            _switch_faster(False)
+            raise
+        self._thread = thread
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the thread has finished (True) or `timeout` seconds passed (False)."""
         return self._finished.wait(timeout)
 
-    def _run(self, ready: torch.cuda.Event | None, switch_interval: float) -> None:
+    def _run(self, ready: torch.cuda.Event | None) -> None:
         started = time.perf_counter()
+        side = None
         try:
             if self.device.type == "cuda":
                 side = torch.cuda.Stream(self.device)
                 side.wait_event(ready)
                 with torch.cuda.device(self.device), torch.cuda.stream(side):
                     self._make_calls()
-                side.synchronize()
             else:
                 self._make_calls()
         except BaseException as error:  # reported by whoever adopts the result
             self.error = error
         finally:
-            self.calls = [[] for _ in self.networks.pairs]  # the copies are not needed again
+            # The copies go back to the allocator only once no kernel of the thread reads them.
+            if side is not None:
+                with contextlib.suppress(RuntimeError):
+                    side.synchronize()
+            self.calls = [[] for _ in self.networks.pairs]
             self.seconds = time.perf_counter() - started
-            sys.setswitchinterval(switch_interval)
+            _switch_faster(False)
             self._finished.set()
 
     def _make_calls(self) -> None:
@@ -155,6 +162,27 @@ class BackgroundCompile:
             for call in calls:
                 with torch.inference_mode(call.inference), torch.set_grad_enabled(call.grad):
                     compiled(*call.args, **call.kwargs)
+
+
+_switching = threading.Lock()
+_compiling = 0  # threads compiling now
+_usual_interval = 0.0  # the switch interval before the first of them started
+
+
+def _switch_faster(on: bool) -> None:
+    """Lower Python's thread switch interval while any thread compiles; put it back after the
+    last one ends."""
+    global _compiling, _usual_interval
+    with _switching:
+        if on:
+            if _compiling == 0:
+                _usual_interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(SWITCH_INTERVAL, _usual_interval))
+            _compiling += 1
+        else:
+            _compiling -= 1
+            if _compiling == 0:
+                sys.setswitchinterval(_usual_interval)
 
 
 def _copied(tree: Any) -> Any:

@@ -90,6 +90,11 @@ class GraphedFrameStep:
         saved_rng = [generator.get_state() for generator in generators]
         # Warm-up runs on a side stream (as capture requires) and lets lazy initialisation and
         # torch.compile happen outside the graph; the state it advanced is put back afterwards.
+        if self.background is not None and stream.config.feature_bank_size:
+            # A bank switched on before the first capture: the thread could not make its
+            # calls (background.py), so the networks compile here, as without the thread.
+            self.background.networks.install()
+            self.background = None
         side = torch.cuda.Stream(device=stream.device)
         side.wait_stream(torch.cuda.current_stream(stream.device))
         record = self.background is not None and not self.background.started
@@ -136,5 +141,8 @@ class GraphedFrameStep:
         job, self.background = self.background, None
         if adopted(job, self.say):
             self._key = None
-        else:
-            self.after_first_capture = None  # its stance is for compiled networks
+            # The thread compiled the start's shapes already; a change made since then is new
+            # code, which the stance must find in place when the next capture meets it.
+            if self.after_first_capture is not None:
+                self.after_first_capture()
+        self.after_first_capture = None

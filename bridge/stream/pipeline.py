@@ -338,11 +338,7 @@ class StreamDiffusion:
         if self.accelerator is not None and self.primed and not filling:
             output = self.accelerator(pixels, pixel_format)
         else:
-            # An accelerator compiling the networks on another thread finishes first: the
-            # networks read Python state, such as the bank's switch, that this step sets.
-            settle = getattr(self.accelerator, "settle", None)
-            if settle is not None:
-                settle()
+            self._settle_accelerator()
             output = self.frame_step(pixels, pixel_format)
         self._last_output, self._last_format = output, pixel_format
         self.frames_processed += 1
@@ -364,6 +360,14 @@ class StreamDiffusion:
         if self.controlnets is not None:
             self.controlnets.new_frames(images, fill=not self.primed)
         return from_model_output(self.decode(self.denoise(x0_in)), pixel_format)
+
+    def _settle_accelerator(self) -> None:
+        """Let an accelerator compiling the networks on another thread finish first, before the
+        networks run outside its graph or change: they read Python state, such as the bank's
+        switch and processors, that the frame step and `update` set."""
+        settle = getattr(self.accelerator, "settle", None)
+        if settle is not None:
+            settle()
 
     def _may_reuse(self, pixel_format: str) -> bool:
         return self._last_output is not None and self._last_format == pixel_format
@@ -637,6 +641,7 @@ class StreamDiffusion:
         if size == 0:
             self._bank = None
         elif self._bank is None or (self._bank.size, self._bank.rows) != (size, rows):
+            self._settle_accelerator()
             self._bank_switch = install(self.unet)
             self._bank = FeatureBank(size, rows, self._bank_strength, self._bank_threshold)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +114,25 @@ def test_threads_switch_faster_while_the_thread_compiles_and_as_before_after():
     assert seen == [SWITCH_INTERVAL] and sys.getswitchinterval() == before
 
 
+def test_the_switch_interval_comes_back_when_the_last_of_two_threads_ends():
+    network, release = Plain(), threading.Event()
+    slow = BackgroundCompile(
+        CompiledNetworks([(network, lambda x: release.wait(60))], lambda: None), torch.device("cpu")
+    )
+    quick = BackgroundCompile(CompiledNetworks([(network, network)], lambda: None), slow.device)
+    for job in (slow, quick):
+        with job.recording():
+            network(torch.zeros(2))
+    before = sys.getswitchinterval()
+    slow.start()
+    quick.start()
+    assert quick.wait(timeout=60)
+    assert sys.getswitchinterval() == SWITCH_INTERVAL  # the slow one still works
+    release.set()
+    assert slow.wait(timeout=60)
+    assert sys.getswitchinterval() == before
+
+
 def test_the_recorded_arguments_are_copies_with_the_same_strides():
     network = Plain()
     job = BackgroundCompile(
@@ -149,67 +169,108 @@ class Settling:
         return self.stream.frame_step(pixels, pixel_format)
 
 
-def test_the_pipeline_settles_its_accelerator_before_each_step_outside_it(tiny):
+def test_the_pipeline_settles_its_accelerator_before_steps_outside_it_and_a_new_bank(tiny):
     two_steps = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), cfg_type="none")
     stream = StreamDiffusion(tiny, two_steps, prompt="a fox")
     stream.accelerator = accelerator = Settling(stream)
     with torch.inference_mode():
         stream(picture())  # fills the buffer: outside the accelerator
         stream(picture())
-        stream.update(feature_bank_size=1)
+        stream.update(feature_bank_size=1)  # new processors on the UNet
+        assert accelerator.asked == ["settle", "replay", "settle"]
         stream(picture())  # fills the bank: outside again
         stream(picture())
-    assert accelerator.asked == ["settle", "replay", "settle", "replay"]
+        stream.update(feature_bank_strength=0.5)  # the same bank: nothing to wait for
+    assert accelerator.asked == ["settle", "replay", "settle", "settle", "replay"]
 
 
 def compiling_in_background(
-    cache: Path, config: StreamConfig = CONFIG, say: Callable[[str], None] | None = None
+    cache: Path,
+    config: StreamConfig = CONFIG,
+    say: Callable[[str], None] | None = None,
+    live_compile: bool = True,
 ) -> tuple[StreamDiffusion, Components]:
     """A pipeline on synthetic:tiny on the GPU, accelerated with compile in the background."""
     torch._dynamo.reset()
     components = load_components("synthetic:tiny", vae="tiny", device="cuda")
     stream = StreamDiffusion(components, config, prompt="a fox")
-    accelerate(stream, "compile", compile_in_background=True, say=say, cache_dir=cache)
+    accelerate(
+        stream,
+        "compile",
+        compile_in_background=True,
+        live_compile=live_compile,
+        say=say,
+        cache_dir=cache,
+    )
     return stream, components
+
+
+def close(stream: StreamDiffusion, eager: StreamDiffusion, seed: int) -> bool:
+    """Whether the two pipelines' next frames of the same picture are within 3 levels."""
+    frame = picture(seed)
+    ours, theirs = stream(frame), eager(frame)
+    return int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()) <= 3
 
 
 @pytest.mark.gpu
 def test_frames_flow_before_the_compile_and_run_compiled_after_it(tmp_path):
-    said: list[str] = []
-    stream, components = compiling_in_background(tmp_path, say=said.append)
+    said: list[tuple[str, int]] = []  # each sentence, and the graphs traced when it was said
+    stream, components = compiling_in_background(
+        tmp_path, say=lambda sentence: said.append((sentence, traced()))
+    )
     eager = StreamDiffusion(components, CONFIG, prompt="a fox")
     accelerator = stream.accelerator
-
-    def close(seed: int) -> bool:
-        frame = picture(seed)
-        ours, theirs = stream(frame), eager(frame)
-        return int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()) <= 3
-
     with torch.inference_mode():
-        assert close(1) and close(2)
+        assert close(stream, eager, 1)
         assert accelerator.captures == 1 and stream.unet is components.unet
         job = accelerator.background
-        assert job.started and job.wait(timeout=300) and job.error is None
-        before = traced()
-        assert close(3) and close(4)
+        assert job.started
+        # Replays meanwhile, beside the thread's work on the same weights.
+        seed = 2
+        while not job.done and seed < 500:
+            assert close(stream, eager, seed)
+            seed += 1
+        assert job.wait(timeout=300) and job.error is None
+        assert close(stream, eager, seed) and close(stream, eager, seed + 1)
     assert accelerator.background is None and accelerator.captures == 2
     assert stream.unet is not components.unet
-    assert traced() == before  # the swap's capture found everything compiled
-    assert said == [f"compiled in the background in {job.seconds:.1f} s; frames now run compiled"]
+    ((sentence, at_swap),) = said
+    assert sentence == f"compiled in the background in {job.seconds:.1f} s; frames now run compiled"
+    assert traced() == at_swap  # the capture after the swap found everything compiled
+
+
+# A change of steps empties the buffer (the step outside the graph settles); a change of guidance
+# keeps it primed (the new capture settles).
+@pytest.mark.gpu
+@pytest.mark.parametrize("change", [{"t_index_list": (20, 35)}, {"cfg_type": "full"}])
+def test_a_change_of_shapes_during_the_compile_waits_for_it(tmp_path, change):
+    stream, components = compiling_in_background(tmp_path)
+    eager = StreamDiffusion(components, CONFIG, prompt="a fox")
+    with torch.inference_mode():
+        assert close(stream, eager, 1)
+        job = stream.accelerator.background
+        assert job.started and not job.done
+        stream.update(**change)
+        eager.update(**change)
+        assert close(stream, eager, 2)
+    assert job.done and stream.accelerator.background is None
+    assert stream.unet is not components.unet
 
 
 @pytest.mark.gpu
-def test_a_change_of_shapes_during_the_compile_waits_for_it(tmp_path):
-    stream, components = compiling_in_background(tmp_path)
+def test_without_live_compile_a_change_during_the_compile_runs_uncompiled(tmp_path):
+    said: list[int] = []
+    stream, components = compiling_in_background(
+        tmp_path, say=lambda sentence: said.append(traced()), live_compile=False
+    )
+    eager = StreamDiffusion(components, CONFIG, prompt="a fox")
     with torch.inference_mode():
-        stream(picture(1))
-        stream(picture(2))
-        job = stream.accelerator.background
-        assert job.started
-        stream.update(t_index_list=(20, 35))
-        stream(picture(3))
-    assert job.done and stream.accelerator.background is None
+        assert close(stream, eager, 1)
+        stream.update(cfg_type="full")
+        eager.update(cfg_type="full")
+        assert close(stream, eager, 2) and close(stream, eager, 3)
     assert stream.unet is not components.unet
+    assert traced() == said[0]  # nothing traced for the new shapes after the swap
 
 
 @pytest.mark.gpu
