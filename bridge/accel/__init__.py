@@ -118,8 +118,7 @@ def accelerate(
         set_compile_stance("default")
         cache_dir = cache_dir or default_compile_cache()
         networks = _compiled_networks(stream, compile_mode, compile_scope, cache_dir)
-        # The thread cannot make a banked UNet's calls: they read and write the live bank.
-        if compile_in_background and stream.config.feature_bank_size == 0:
+        if compile_in_background:
             background = BackgroundCompile(networks, stream.device)
         else:
             networks.install()
@@ -144,10 +143,6 @@ def use_compile_cache(cache_dir: Path | None = None) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-
-
-def _compile(stream: StreamDiffusion, compile_mode: str, scope: str, cache_dir: Path) -> None:
-    _compiled_networks(stream, compile_mode, scope, cache_dir).install()
 
 
 def _compiled_networks(

@@ -20,13 +20,12 @@ thread works (`settle`): a change of shapes made during the compile waits for it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +149,7 @@ class BackgroundCompile:
         finally:
             # The copies go back to the allocator only once no kernel of the thread reads them.
             if side is not None:
-                with contextlib.suppress(RuntimeError):
+                with suppress(RuntimeError):
                     side.synchronize()
             self.calls = [[] for _ in self.networks.pairs]
             self.seconds = time.perf_counter() - started

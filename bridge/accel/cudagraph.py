@@ -49,6 +49,7 @@ class GraphedFrameStep:
         self.after_first_capture = after_first_capture
         self.background = background
         self.say = say
+        self._compile_here_if_banked()
         self.captures = 0
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -90,11 +91,7 @@ class GraphedFrameStep:
         saved_rng = [generator.get_state() for generator in generators]
         # Warm-up runs on a side stream (as capture requires) and lets lazy initialisation and
         # torch.compile happen outside the graph; the state it advanced is put back afterwards.
-        if self.background is not None and stream.config.feature_bank_size:
-            # A bank switched on before the first capture: the thread could not make its
-            # calls (background.py), so the networks compile here, as without the thread.
-            self.background.networks.install()
-            self.background = None
+        self._compile_here_if_banked()
         side = torch.cuda.Stream(device=stream.device)
         side.wait_stream(torch.cuda.current_stream(stream.device))
         record = self.background is not None and not self.background.started
@@ -135,6 +132,15 @@ class GraphedFrameStep:
         elif self.background is None and self.after_first_capture is not None:
             self.after_first_capture()
             self.after_first_capture = None
+
+    def _compile_here_if_banked(self) -> None:
+        """With a feature bank before the thread started (at the start, or switched on before the
+        first capture), put the compiled networks in place now, to compile in the capture's
+        warm-up as without the thread: its calls would read and write the live bank."""
+        job = self.background
+        if job is not None and not job.started and self.stream.config.feature_bank_size:
+            job.networks.install()
+            self.background = None
 
     def _adopt(self) -> None:
         """Put the background compile's networks in place; the next frame captures them."""

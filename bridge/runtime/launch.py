@@ -264,7 +264,7 @@ def _build_engine(
             unused.append("background compile on")
         if unused and accel.mode != "compile":
             verb = "has" if len(unused) == 1 else "have"
-            named = " and ".join([", ".join(unused[:-1]), unused[-1]] if unused[1:] else unused)
+            named = unused[0] if len(unused) == 1 else f"{', '.join(unused[:-1])} and {unused[-1]}"
             say(f"note: {named} {verb} no effect: accel is {accel.mode}, not compile.")
     with torch.inference_mode():
         stream = accelerate(

@@ -1,8 +1,8 @@
 """`live_compile`: what a live change to shapes not compiled yet does under torch.compile.
 
-On the CPU the networks are compiled as `accelerate` compiles them (`_compile`), with Dynamo's
-"eager" backend in place of Inductor (conftest.py), and the stance `accelerate` sets after the
-first capture is set by hand (the capture needs CUDA). The GPU test runs the whole of
+On the CPU the networks are compiled as `accelerate` compiles them (`_compiled_networks`), with
+Dynamo's "eager" backend in place of Inductor (conftest.py), and the stance `accelerate` sets after
+the first capture is set by hand (the capture needs CUDA). The GPU test runs the whole of
 `accelerate`. tests/conftest.py puts the default stance back after every test.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bridge.accel import _compile, accelerate, set_compile_stance
+from bridge.accel import _compiled_networks, accelerate, set_compile_stance
 from bridge.models import load_components
 from bridge.stream import StreamConfig, StreamDiffusion
 
@@ -69,7 +69,7 @@ def test_new_shapes_after_the_first_frames_run_uncompiled_unless_live_compile(
 ):
     compiled = StreamDiffusion(tiny, CONFIG, prompt="a fox")
     eager = StreamDiffusion(tiny, CONFIG, prompt="a fox")
-    _compile(compiled, "default", scope, Path(tmp_path))
+    _compiled_networks(compiled, "default", scope, Path(tmp_path)).install()
     with torch.inference_mode():
         assert np.array_equal(compiled(picture(eager)), eager(picture(eager)))
     assert counters["stats"]["unique_graphs"] > 0

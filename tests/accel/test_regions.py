@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
 
-from bridge.accel import _compile, accelerate
+from bridge.accel import _compiled_networks, accelerate
 from bridge.accel.regions import REGION_CLASSES, compile_regions
 from bridge.models.controlnet import load_controlnet
 from bridge.models.ip_adapter import load_ip_adapter
@@ -172,7 +172,7 @@ def test_live_changes_of_a_controlnet_an_ip_adapter_and_the_feature_bank_reach_t
     stream = pipeline()
     # What accelerate(stream, "compile", compile_scope="blocks") runs, with Dynamo's eager
     # backend in place of Inductor (the eager_compile fixture).
-    _compile(stream, "default", "blocks", Path(tmp_path))
+    _compiled_networks(stream, "default", "blocks", Path(tmp_path)).install()
     assert stream.unet is not tiny.unet and stream.vae is not tiny.vae
     assert len(compiled_blocks(stream.unet)) == 12 and len(compiled_blocks(stream.vae)) == 8
     assert len(compiled_blocks(stream.controlnets.controlnets[0].model)) > 0
